@@ -1,0 +1,1 @@
+"""One Python entry per op: a torch reference (the CPU path) and the CUDA kernel from nmoe._C."""

@@ -1,0 +1,44 @@
+"""The paged MLA latent cache: one tensor per layer `[num_pages, page_size, kv_lora_rank + rope_dim]`.
+
+A token's slot is `page * page_size + offset`; `out_loc[i]` is the slot of the i-th new token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nmoe.serve.ops._ext import use_cuda
+
+
+def kv_append_paged_ref(cache: torch.Tensor, out_loc: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """Write normalized latents `[T, R]` and rotated rope keys `[T, D]` into their slots."""
+    flat = cache.view(-1, cache.shape[-1])
+    r = c_kv.shape[-1]
+    flat[out_loc, :r] = c_kv.to(cache.dtype)
+    flat[out_loc, r:] = k_pe.to(cache.dtype)
+
+
+def kv_append_paged(cache, out_loc, c_kv, k_pe) -> None:
+    if use_cuda(cache, out_loc, c_kv, k_pe):
+        torch.ops.nmoe.kv_append_paged(cache, out_loc, c_kv.contiguous(), k_pe.contiguous())
+    else:
+        kv_append_paged_ref(cache, out_loc, c_kv, k_pe)
+
+
+def kv_copy_pages_ref(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole pages `src[i] -> dst[i]` (prefix-cache copy-on-write)."""
+    cache[dst] = cache[src]
+
+
+def kv_copy_pages(cache, src, dst) -> None:
+    if use_cuda(cache, src, dst):
+        torch.ops.nmoe.kv_copy_pages(cache, src, dst)
+    else:
+        kv_copy_pages_ref(cache, src, dst)
+
+
+def gather_context(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence, `[length, R + D]`."""
+    page_size = cache.shape[1]
+    n_pages = -(-length // page_size)
+    return cache[block_table_row[:n_pages]].reshape(-1, cache.shape[-1])[:length]

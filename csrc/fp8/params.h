@@ -1,0 +1,69 @@
+// Plain parameter structs and launcher declarations of the FP8 kernels.
+//
+// The interface layer (interface.cpp) checks every at::Tensor and fills these; kernels never see
+// at::Tensor. Scale convention everywhere: real = fp8 * scale, scales fp32.
+//   activations: e4m3 [rows, k], scales [rows, ceil(k / 128)]   (per token per 128 channels)
+//   weights:     e4m3 [groups, n, k], scale_inv [groups, ceil(n / 128), ceil(k / 128)]
+// Launchers return nullptr on success, else a static message naming what failed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace nmoe::fp8 {
+
+constexpr int kBlock = 128;
+
+// x bf16 [m, k] (row stride x_row_stride elements, unit column stride) -> q [m, k], s [m, ceil(k/128)].
+struct ActQuantParams {
+  const void* x;
+  void* q;
+  float* s;
+  int64_t m;
+  int64_t k;
+  int64_t x_row_stride;
+};
+
+// x bf16 [m, 2i]: gate = x[:, :i], up = x[:, i:]; silu(gate) * up -> q [m, i], s [m, ceil(i/128)].
+struct SiluMulQuantParams {
+  const void* x;
+  void* q;
+  float* s;
+  int64_t m;
+  int64_t i;
+  int64_t x_row_stride;
+};
+
+// How the rows of A (and D) are assigned to the weight groups.
+enum class GroupLayout : int {
+  kDense = 0,       // one group, rows 0..m
+  kContiguous = 1,  // rows offsets[g]..offsets[g+1] (clamped to 0..m) use group g
+  kMasked = 2,      // rows g*m .. g*m + min(counts[g], m) use group g; m is max_m
+};
+
+struct GroupedGemmParams {
+  GroupLayout layout;
+  const void* a;         // e4m3, rows of k, row stride k
+  const float* sa;       // fp32, rows of ceil(k/128)
+  const void* b;         // e4m3 [num_groups, n, k]
+  const float* sb;       // fp32 [num_groups, ceil(n/128), ceil(k/128)]
+  void* d;               // bf16, rows of n, row stride n
+  const int32_t* offsets;  // kContiguous: [num_groups + 1], device
+  const int32_t* counts;   // kMasked: [num_groups], device
+  int num_groups;
+  int m;  // kDense, kContiguous: rows of A; kMasked: max_m (rows per group)
+  int n;
+  int k;
+  int sm_count;           // CTAs of the persistent grid
+  void* workspace;        // device, grouped_gemm_workspace_bytes(num_groups, sm_count) bytes
+};
+
+size_t grouped_gemm_workspace_bytes_sm90(int num_groups, int sm_count);
+const char* grouped_gemm_sm90(const GroupedGemmParams& p, cudaStream_t stream);
+
+const char* act_quant(const ActQuantParams& p, cudaStream_t stream);
+const char* silu_mul_quant(const SiluMulQuantParams& p, cudaStream_t stream);
+
+}  // namespace nmoe::fp8

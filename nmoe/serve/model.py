@@ -1,0 +1,427 @@
+"""DeepSeek-V3 in reading order: embeddings, MLA, dense MLP / MoE, final norm, head.
+
+Two ways through the same weights:
+  * `forward_dense(ids [B, S])` - plain causal attention over the sequence, no cache (training and
+    reference checks);
+  * `forward(ids [T], batch: AttnBatch)` - the serving path over the paged latent cache: new tokens
+    of many sequences flattened into T rows; prefill rows use the naive MLA form over their whole
+    context, decode rows the absorbed form (`ops.attention.mla_decode_paged`).
+
+On CPU everything computes in fp32 from weights dequantized once at load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmoe.serve.config import ModelConfig
+from nmoe.serve.ops.attention import mla_decode_paged
+from nmoe.serve.ops.fp8 import dequant_block_fp8
+from nmoe.serve.ops.kv import gather_context, kv_append_paged
+from nmoe.serve.ops.router import moe_route
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias; the weight is held dequantized."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies `[rope_dim / 2]`, YaRN-corrected when `rope_scaling.type == yarn`."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    rs = cfg.rope_scaling or {}
+    if rs.get("type", rs.get("rope_type")) != "yarn":
+        return freqs.float()
+    factor = float(rs["factor"])
+    orig = rs.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(orig / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1: keep the original frequency; 0: interpolate by `factor`
+    return (freqs / factor * (1 - extrapolate) + freqs * extrapolate).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's release does.
+
+    x `[..., T, heads, D]` or `[T, heads, D]`; cos/sin `[T, D/2]` broadcast over heads."""
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+@dataclass
+class AttnBatch:
+    """What one serving step's attention needs, built by the engine from the scheduler's batch.
+
+    Rows of the flattened token dimension T are grouped by sequence, in `seqs` order."""
+
+    positions: torch.Tensor  # [T] int64
+    out_loc: torch.Tensor  # [T] int64 cache slot of each new token
+    block_table: torch.Tensor  # [B, max_pages] int32
+    seq_lens: torch.Tensor  # [B] int32 context length after this step
+    q_lens: list[int]  # new tokens per sequence
+    kv_caches: list[torch.Tensor]  # per layer [num_pages, page_size, kv_lora_rank + rope_dim]
+    cos: torch.Tensor | None = None  # [T, rope_dim / 2], filled by the model
+    sin: torch.Tensor | None = None
+
+    @property
+    def decode_rows(self) -> list[int]:
+        return [i for i, q in enumerate(self.q_lens) if q == 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention: MLA
+# ------------------------------------------------------------------------------------------------
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        h, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads = nh
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(h, nh * cfg.qk_head_dim)
+        else:
+            self.q_a_proj = Linear(h, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_cache_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.o_proj = Linear(nh * cfg.v_head_dim, h)
+        self.scale = cfg.softmax_scale
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:-1], self.n_heads, self.cfg.qk_head_dim)
+
+    def _latents(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized latent `[.., R]` and rotated rope key `[.., D]` of each token (what the cache holds)."""
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def _expand(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents `[.., L, R]` -> per-head k_nope `[.., L, H, nope]` and v `[.., L, H, v]` (naive form)."""
+        kv = self.kv_b_proj(c_kv).view(*c_kv.shape[:-1], self.n_heads, -1)
+        return kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)
+
+    def _split_q(self, x, cos, sin):
+        q = self._queries(x)
+        q_nope, q_pe = q.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x `[B, S, hidden]`, causal over S."""
+        b, s, _ = x.shape
+        q_nope, q_pe = self._split_q(x, cos, sin)
+        c_kv, k_pe = self._latents(x, cos, sin)
+        k_nope, v = self._expand(c_kv)
+        scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
+        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
+        out = torch.einsum("bhst,bthd->bshd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+        return self.o_proj(out.reshape(b, s, -1))
+
+    def forward(self, x: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        """x `[T, hidden]` new tokens of the batch's sequences; writes their latents to the cache first."""
+        cache = batch.kv_caches[self.layer]
+        q_nope, q_pe = self._split_q(x, batch.cos, batch.sin)
+        c_kv, k_pe = self._latents(x, batch.cos, batch.sin)
+        kv_append_paged(cache, batch.out_loc, c_kv, k_pe)
+        out = x.new_empty(x.shape[0], self.n_heads, self.cfg.v_head_dim)
+        starts = [0]
+        for q in batch.q_lens:
+            starts.append(starts[-1] + q)
+        decode = batch.decode_rows
+        if decode:
+            rows = torch.tensor([starts[i] for i in decode], device=x.device)
+            out[rows] = self._decode_absorbed(q_nope[rows], q_pe[rows], cache, batch, decode)
+        for i, q_len in enumerate(batch.q_lens):
+            if q_len > 1:
+                sl = slice(starts[i], starts[i] + q_len)
+                out[sl] = self._prefill_naive(q_nope[sl], q_pe[sl], cache, batch, i)
+        return self.o_proj(out.flatten(1))
+
+    def _prefill_naive(self, q_nope, q_pe, cache, batch: AttnBatch, i: int) -> torch.Tensor:
+        """Queries of one sequence's chunk `[q, H, .]` over its whole cached context."""
+        n = int(batch.seq_lens[i])
+        ctx = gather_context(cache, batch.block_table[i], n).to(q_nope.dtype)
+        c_kv, k_pe = ctx.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
+        k_nope, v = self._expand(c_kv)
+        scores = torch.einsum("qhd,khd->hqk", q_nope, k_nope) + torch.einsum("qhd,kd->hqk", q_pe, k_pe)
+        q = q_nope.shape[0]
+        causal = torch.arange(n, device=q_nope.device)[None, :] <= torch.arange(n - q, n, device=q_nope.device)[:, None]
+        scores = (scores * self.scale).masked_fill(~causal, float("-inf"))
+        return torch.einsum("hqk,khd->qhd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+    def _decode_absorbed(self, q_nope, q_pe, cache, batch: AttnBatch, rows: list[int]) -> torch.Tensor:
+        """One query per sequence: W_UK folded into the query, W_UV applied after attention."""
+        cfg = self.cfg
+        w = self.kv_b_proj.weight.view(self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)
+        q = torch.cat([q_lat, q_pe], dim=-1).to(cache.dtype)
+        idx = torch.tensor(rows, device=q.device)
+        o_lat, _ = mla_decode_paged(
+            q, cache, batch.block_table[idx], batch.seq_lens[idx], self.scale, cfg.kv_lora_rank
+        )
+        return torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP and MoE
+# ------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = Linear(hidden, inter)
+        self.up_proj = Linear(hidden, inter)
+        self.down_proj = Linear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """This rank's routed experts, stacked: gate_up `[E_local, 2I, hidden]`, down `[E_local, hidden, I]`.
+
+    `expert_ids[j]` is the global id of local expert j."""
+
+    def __init__(self, hidden: int, inter: int, expert_ids: list[int]):
+        super().__init__()
+        self.expert_ids = list(expert_ids)
+        e = len(expert_ids)
+        self.gate_up = nn.Parameter(torch.randn(e, 2 * inter, hidden) * hidden**-0.5)
+        self.down = nn.Parameter(torch.randn(e, hidden, inter) * inter**-0.5)
+
+    def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Tokens `[N, hidden]` each going to local expert `local_ids[n]` with weight `weights[n]`;
+        returns the weighted expert outputs `[N, hidden]` (row n for token n)."""
+        out = torch.zeros_like(x)
+        if x.shape[0] == 0:
+            return out
+        for j in torch.unique(local_ids).tolist():
+            rows = (local_ids == j).nonzero(as_tuple=True)[0]
+            g, u = F.linear(x[rows], self.gate_up[j]).chunk(2, dim=-1)
+            y = F.linear(F.silu(g) * u, self.down[j])
+            out[rows] = y * weights[rows, None].to(y.dtype)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, expert_ids: list[int]):
+        super().__init__()
+        self.cfg = cfg
+        self.gate_weight = nn.Parameter(torch.randn(cfg.n_routed_experts, cfg.hidden_size) * 0.02)
+        self.register_buffer("gate_bias", torch.zeros(cfg.n_routed_experts))
+        self.experts = Experts(cfg.hidden_size, cfg.moe_intermediate_size, expert_ids)
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, inter) if cfg.n_shared_experts else None
+        self.transport = None  # set by the engine for EP; None: every expert is local
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.gate_weight.float())
+        return moe_route(
+            logits,
+            self.gate_bias,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            top_k=cfg.num_experts_per_tok,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = self.route(x)
+        if self.transport is None:
+            y = self.local_experts(x, weights, ids)
+        else:
+            y = self.transport.moe(x, weights, ids, self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    def local_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """All experts on this rank: y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
+        t, k = ids.shape
+        tok = torch.arange(t, device=x.device).repeat_interleave(k)
+        y = self.experts(x[tok], ids.flatten(), weights.flatten())
+        return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, expert_ids: list[int]):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, expert_ids) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward_dense(self, x, cos, sin):
+        x = x + self.self_attn.forward_dense(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, batch: AttnBatch):
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3(nn.Module):
+    def __init__(self, cfg: ModelConfig, expert_ids: list[int] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        expert_ids = list(range(cfg.n_routed_experts)) if expert_ids is None else list(expert_ids)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i, expert_ids) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.double()[..., None] * self.inv_freq.double()
+        return angles.cos().float(), angles.sin().float()
+
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids `[B, S]` -> logits `[B, S, vocab]` (training / reference; every position)."""
+        cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer.forward_dense(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def forward(self, input_ids: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        """ids `[T]` -> final hidden states `[T, hidden]` (normed); call `logits` on the rows needed."""
+        batch.cos, batch.sin = self.rope(batch.positions)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # --------------------------------------------------------------------------------------------
+    # Weights, by HF name
+    # --------------------------------------------------------------------------------------------
+
+    def load_hf(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Fill from HF-named tensors (FP8 weights with their `weight_scale_inv` are dequantized)."""
+
+        def get(name: str) -> torch.Tensor:
+            t = tensors[name]
+            s = tensors.get(name + "_scale_inv")
+            return dequant_block_fp8(t, s) if s is not None else t.float()
+
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(self._hf_param(name, get))
+            for i, layer in enumerate(self.layers):
+                if isinstance(layer.mlp, MoE):
+                    layer.mlp.gate_bias.copy_(get(f"model.layers.{i}.mlp.gate.e_score_correction_bias"))
+
+    def _hf_param(self, name: str, get) -> torch.Tensor:
+        if name == "embed_tokens.weight":
+            return get("model.embed_tokens.weight")
+        if name in ("norm.weight", "lm_head.weight"):
+            return get(("model." if name.startswith("norm") else "") + name)
+        # layers.{i}.<...>
+        _, i, rest = name.split(".", 2)
+        p = f"model.layers.{i}."
+        mlp = self.layers[int(i)].mlp
+        if rest == "mlp.gate_weight":
+            return get(p + "mlp.gate.weight")
+        if rest in ("mlp.experts.gate_up", "mlp.experts.down"):
+            ids = mlp.experts.expert_ids
+            if rest.endswith("gate_up"):
+                return torch.stack([
+                    torch.cat([get(f"{p}mlp.experts.{e}.gate_proj.weight"), get(f"{p}mlp.experts.{e}.up_proj.weight")])
+                    for e in ids
+                ])
+            return torch.stack([get(f"{p}mlp.experts.{e}.down_proj.weight") for e in ids])
+        return get(p + rest)
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights under their HF names (fp32, unquantized), the inverse of `load_hf`."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.named_parameters():
+            t = p.detach().float()
+            if name == "embed_tokens.weight":
+                out["model.embed_tokens.weight"] = t
+            elif name == "norm.weight":
+                out["model.norm.weight"] = t
+            elif name == "lm_head.weight":
+                out["lm_head.weight"] = t
+            else:
+                _, i, rest = name.split(".", 2)
+                pre = f"model.layers.{i}."
+                experts = self.layers[int(i)].mlp.experts if rest.startswith("mlp.experts") else None
+                if rest == "mlp.gate_weight":
+                    out[pre + "mlp.gate.weight"] = t
+                elif rest == "mlp.experts.gate_up":
+                    for j, e in enumerate(experts.expert_ids):
+                        g, u = t[j].chunk(2)
+                        out[f"{pre}mlp.experts.{e}.gate_proj.weight"] = g
+                        out[f"{pre}mlp.experts.{e}.up_proj.weight"] = u
+                elif rest == "mlp.experts.down":
+                    for j, e in enumerate(experts.expert_ids):
+                        out[f"{pre}mlp.experts.{e}.down_proj.weight"] = t[j]
+                else:
+                    out[pre + rest] = t
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, MoE):
+                out[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] = layer.mlp.gate_bias.detach().float()
+        return out

@@ -39,7 +39,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+        if add_bos is None:  # a rendered chat template already starts with the BOS text
+            add_bos = self.add_bos and not (self.bos_token and text.startswith(self.bos_token))
+        if add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 

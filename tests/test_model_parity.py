@@ -19,8 +19,11 @@ def _dequantized_dir(src: str, dst: str) -> None:
     """The same checkpoint with every FP8 weight dequantized to fp32 and no quantization_config."""
     ckpt = HFCheckpoint(src)
     tensors = {}
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    mtp = f"model.layers.{cfg['num_hidden_layers']}."
     for name in ckpt.weight_map:
-        if name.endswith("_scale_inv"):
+        if name.endswith("_scale_inv") or name.startswith(mtp):
             continue
         t = ckpt.get(name)
         if ckpt.has(name + "_scale_inv"):
@@ -28,8 +31,6 @@ def _dequantized_dir(src: str, dst: str) -> None:
         tensors[name] = t.float().contiguous()
     os.makedirs(dst, exist_ok=True)
     save_file(tensors, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
     cfg.pop("quantization_config")
     cfg["torch_dtype"] = "float32"
     with open(os.path.join(dst, "config.json"), "w") as f:

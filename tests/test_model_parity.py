@@ -90,3 +90,17 @@ def test_greedy_generation_matches_transformers(tiny_random_dir, hf_model):
         worst = max(worst, max(abs(a - b) for a, b in zip(out.logprobs, lps)))
     print(f"32 greedy tokens x {len(PROMPTS)} prompts: max |logprob diff| {worst:.2e}")
     assert worst < 1e-4
+
+
+def test_teacher_forced_scores_match_transformers(tiny_random_dir, hf_model):
+    llm = LLM(model=tiny_random_dir, num_pages=64, page_size=16, max_seq_len=512, chunk_size=32)
+    g = torch.Generator().manual_seed(11)
+    prompt = PROMPTS[1]
+    forced = torch.randint(2, 500, (70,), generator=g).tolist()  # not the model's choices; > 2 chunks
+    ours = llm.score(prompt, forced)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([prompt + forced])).logits[0].float(), -1)
+    want = [float(ref[len(prompt) - 1 + j, t]) for j, t in enumerate(forced)]
+    diff = max(abs(a - b) for a, b in zip(ours.logprobs, want))
+    print(f"teacher-forced scores vs transformers: max |diff| {diff:.2e}")
+    assert diff < 1e-4

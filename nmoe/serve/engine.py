@@ -14,7 +14,7 @@ import torch
 from nmoe.serve.ckpt import load_config, load_weights, resolve_model_path
 from nmoe.serve.config import ModelConfig, ServeConfig
 from nmoe.serve.model import AttnBatch, DeepseekV3
-from nmoe.serve.ops.sampling import sample
+from nmoe.serve.ops.sampling import sample, score_tokens
 from nmoe.serve.request import OutputMode, Request, RequestOutput, SamplingParams
 from nmoe.serve.scheduler import Batch, Scheduler, SchedulerConfig, Sequence
 from nmoe.serve.tokenizer import Tokenizer
@@ -83,34 +83,45 @@ class Engine:
     # Admission
     # --------------------------------------------------------------------------------------------
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams, forced_output_ids: list[int] | None = None) -> None:
         """Raise ValueError naming the limit for a request that cannot be served."""
         if not prompt_ids:
             raise ValueError("prompt is empty: at least one token is required")
         vocab = self.model_cfg.vocab_size
-        for t in prompt_ids:
+        for t in list(prompt_ids) + list(forced_output_ids or []):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
+        if forced_output_ids is not None:
+            total, what = len(prompt_ids) + len(forced_output_ids), f"forced tokens ({len(forced_output_ids)})"
+        else:
+            total, what = len(prompt_ids) + params.max_tokens, f"max_tokens ({params.max_tokens})"
         if total > self.cfg.max_seq_len:
             raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_seq_len {self.cfg.max_seq_len}"
+                f"prompt ({len(prompt_ids)} tokens) + {what} = {total} exceeds max_seq_len {self.cfg.max_seq_len}"
             )
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: int | None = None) -> int:
-        self.validate(prompt_ids, params)
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: int | None = None,
+                    forced_output_ids: list[int] | None = None) -> int:
+        """Queue a request. With `forced_output_ids` it is teacher-forced: each forced token is scored
+        (logprob, top-k, logits per the output mode) instead of sampled, and it finishes after the last."""
+        self.validate(prompt_ids, params, forced_output_ids)
         if rid is None:
             rid = self._next_rid
             self._next_rid += 1
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed)
         req.detok = self.tokenizer.detokenizer()
+        tokens = list(prompt_ids)
+        if forced_output_ids is not None:
+            req.forced = list(forced_output_ids)
+            tokens += req.forced
         req.seq = Sequence(
-            rid=rid, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids),
-            max_new_tokens=max(params.max_tokens, 1),
+            rid=rid, token_ids=tokens, num_prompt_tokens=len(prompt_ids),
+            max_new_tokens=0 if req.forced is not None else max(params.max_tokens, 1),
+            # scored positions must be computed; a solo (fixed-batching) request recomputes everything
+            prefix_match_limit=0 if params.solo_forward else len(prompt_ids) - 1,
         )
-        if params.max_tokens == 0:
+        if (req.forced is None and params.max_tokens == 0) or req.forced == []:
             req.finish_reason = "length"
             self.requests[rid] = req
             return rid
@@ -137,100 +148,140 @@ class Engine:
     # --------------------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Run one scheduled batch; returns the requests that received tokens."""
+        """Run one scheduled batch; returns the requests that received tokens (or scores)."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        sampled = self.forward_batch(batch)
+        touched: list[Request] = []
+        for items in self._forward_groups(batch):
+            touched += self._record(*self.forward_batch(items))
         self.scheduler.complete(batch)
         self.stats["steps"] += 1
-        return self._postprocess(sampled)
+        return touched
 
-    @torch.no_grad()
-    def forward_idle(self) -> None:
-        """A forward with no tokens (T=0): enters every collective of the MoE layers, as lockstep needs."""
+    def _forward_groups(self, batch: Batch) -> list[list]:
+        """The batch's items as forwards: one shared, plus one per `solo_forward` request.
+
+        Under EP every rank must run the same forwards, so there the batch stays whole."""
+        if self.rank.world_size > 1:
+            return [batch.items]
+        shared = [it for it in batch.items if not self.requests[it.seq.rid].params.solo_forward]
+        solo = [[it] for it in batch.items if self.requests[it.seq.rid].params.solo_forward]
+        return ([shared] if shared else []) + solo
+
+    def _attn_batch(self, items: list) -> AttnBatch:
         dev = self.device
-        empty = torch.zeros(0, dtype=torch.long, device=dev)
-        attn = AttnBatch(
-            positions=empty,
-            out_loc=empty,
-            block_table=torch.zeros(0, 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
-            q_lens=[],
-            kv_caches=self.kv_caches,
-        )
-        self.model(empty, attn)
-
-    @torch.no_grad()
-    def forward_batch(self, batch: Batch) -> list[tuple[Request, object, int]]:
-        """Forward the batch's tokens and sample where a sequence reaches its end.
-
-        Returns (request, SampleOut, row) for each sampled sequence."""
-        dev = self.device
-        items = batch.items
-        ids = torch.tensor(batch.input_ids(), dtype=torch.long, device=dev)
+        page_size = self.cfg.page_size
         max_pages = max(len(it.seq.pages) for it in items)
         table = torch.zeros(len(items), max_pages, dtype=torch.int32)
+        positions, out_loc = [], []
         for i, it in enumerate(items):
             table[i, : len(it.seq.pages)] = torch.tensor(it.seq.pages, dtype=torch.int32)
-        attn = AttnBatch(
-            positions=torch.tensor(batch.positions(), dtype=torch.long, device=dev),
-            out_loc=torch.tensor(batch.out_loc(self.cfg.page_size), dtype=torch.long, device=dev),
+            for p in range(it.start, it.start + it.num_tokens):
+                positions.append(p)
+                out_loc.append(it.seq.pages[p // page_size] * page_size + p % page_size)
+        return AttnBatch(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            out_loc=torch.tensor(out_loc, dtype=torch.long, device=dev),
             block_table=table.to(dev),
             seq_lens=torch.tensor([it.start + it.num_tokens for it in items], dtype=torch.int32, device=dev),
             q_lens=[it.num_tokens for it in items],
             kv_caches=self.kv_caches,
         )
+
+    @torch.no_grad()
+    def forward_batch(self, items: list) -> tuple[list[tuple[Request, int | None]], torch.Tensor]:
+        """Forward the items' tokens; logits only at the positions a request needs.
+
+        Returns, per logits row, (request, forced target or None to sample), and the logits `[R, V]`."""
+        ids = [t for it in items for t in it.seq.token_ids[it.start : it.start + it.num_tokens]]
         for it in items:
-            key = "decode_tokens" if it.num_tokens == 1 else "prefill_tokens"
-            self.stats[key] += it.num_tokens
-        hidden = self.model(ids, attn)
-        rows, reqs = [], []
+            self.stats["decode_tokens" if it.num_tokens == 1 else "prefill_tokens"] += it.num_tokens
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), self._attn_batch(items))
+        rows, wants = [], []
         offset = 0
         for it in items:
+            req = self.requests[it.seq.rid]
+            for pos, target in self._logit_positions(req, it):
+                rows.append(offset + pos - it.start)
+                wants.append((req, target))
             offset += it.num_tokens
-            if it.reaches_end:
-                rows.append(offset - 1)
-                reqs.append(self.requests[it.seq.rid])
         if not rows:
-            return []
-        logits = self.model.logits(hidden[torch.tensor(rows, device=dev)])
-        return self._sample(reqs, logits)
+            return [], hidden.new_zeros(0, self.model_cfg.vocab_size)
+        return wants, self.model.logits(hidden[torch.tensor(rows, device=self.device)])
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor):
+    def _logit_positions(self, req: Request, it) -> list[tuple[int, int | None]]:
+        """(position, target) pairs in this chunk: forced tokens to score, or the end to sample from."""
+        if req.forced is None:
+            return [(it.start + it.num_tokens - 1, None)] if it.reaches_end else []
+        first = len(req.prompt_ids) - 1 + len(req.output_ids)  # next forced token not yet scored
+        last = len(req.prompt_ids) + len(req.forced) - 2
+        hi = min(last, it.start + it.num_tokens - 1)
+        return [(p, req.forced[p + 1 - len(req.prompt_ids)]) for p in range(max(first, it.start), hi + 1)]
+
+    def _record(self, wants: list[tuple[Request, int | None]], logits: torch.Tensor) -> list[Request]:
+        """Sample or score every logits row, then append to each request's outputs in position order."""
+        if not wants:
+            return []
+        reqs = [r for r, _ in wants]
+        forced = [t is not None for _, t in wants]
+        out = self._sample_or_score(reqs, [t for _, t in wants], logits)
+        touched: dict[int, Request] = {}
+        for i, (req, target) in enumerate(wants):
+            if req.finish_reason is not None:
+                continue
+            p = req.params
+            if p.mode is not OutputMode.TOKENS:
+                lp = out.logprobs_processed if p.logprobs_mode == "processed" else out.logprobs_raw
+                req.logprobs.append(float(lp[i]))
+            if p.num_top_logprobs:
+                k = p.num_top_logprobs
+                req.top_logprobs.append(list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist())))
+            if p.mode is OutputMode.LOGITS:
+                req.logits.append(logits[i].float().cpu())
+            if forced[i]:
+                self._append_forced(req, target)
+            else:
+                self._append(req, int(out.tokens[i]))
+            touched[req.rid] = req
+        return list(touched.values())
+
+    def _sample_or_score(self, reqs: list[Request], targets: list[int | None], logits: torch.Tensor):
         dev = logits.device
         p = [r.params for r in reqs]
         k = max(x.num_top_logprobs for x in p)
-        out = sample(
-            logits,
+        processed_top = any(x.logprobs_mode == "processed" for x in p)
+        kw = dict(
             temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev),
             top_k=torch.tensor([x.top_k for x in p], dtype=torch.int32, device=dev),
             top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
             min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32, device=dev),
+            num_top_logprobs=k,
+            top_from_processed=processed_top,
+        )
+        sampled = sample(
+            logits,
             seed=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
             position=torch.tensor([len(r.seq.token_ids) for r in reqs], dtype=torch.int64, device=dev),
-            num_top_logprobs=k,
+            **kw,
         )
-        return [(r, out, i, logits) for i, r in enumerate(reqs)]
+        if all(t is None for t in targets):
+            return sampled
+        given = torch.tensor([t if t is not None else 0 for t in targets], device=dev)
+        scored = score_tokens(logits, given, **kw)
+        is_forced = torch.tensor([t is not None for t in targets], device=dev)
+        for f in ("tokens", "logprobs_raw", "logprobs_processed"):
+            setattr(sampled, f, torch.where(is_forced, getattr(scored, f), getattr(sampled, f)))
+        if k:
+            sampled.top_ids = torch.where(is_forced[:, None], scored.top_ids, sampled.top_ids)
+            sampled.top_logprobs = torch.where(is_forced[:, None], scored.top_logprobs, sampled.top_logprobs)
+        return sampled
 
-    def _postprocess(self, sampled) -> list[Request]:
-        touched = []
-        for req, out, i, logits in sampled:
-            if req.finish_reason is not None:
-                continue
-            tok = int(out.tokens[i])
-            mode = req.params.mode
-            if mode is not OutputMode.TOKENS:
-                lp = out.logprobs_processed if req.params.logprobs_mode == "processed" else out.logprobs_raw
-                req.logprobs.append(float(lp[i]))
-            k = req.params.num_top_logprobs
-            if k:
-                req.top_logprobs.append(list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist())))
-            if mode is OutputMode.LOGITS:
-                req.logits.append(logits[i].float().cpu())
-            self._append(req, tok)
-            touched.append(req)
-        return touched
+    def _append_forced(self, req: Request, tok: int) -> None:
+        req.output_ids.append(tok)
+        req.text += req.detok.push([tok])
+        if len(req.output_ids) == len(req.forced):
+            self._finish(req, "length")
 
     def _append(self, req: Request, tok: int) -> None:
         req.output_ids.append(tok)

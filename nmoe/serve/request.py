@@ -27,6 +27,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs_mode: str = "raw"  # "raw" (model distribution) or "processed" (after the transforms)
     output_mode: OutputMode | str | None = None  # None: TOKENS, or LOGPROBS/TOPK when logprobs is set
+    solo_forward: bool = False  # forward this request's tokens in a batch of their own (fixed batching)
+    profile: str | None = None  # a name from nmoe.serve.profiles.PROFILES; sets the fields above
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -35,6 +37,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.profile is not None:
+            from nmoe.serve.profiles import enforce
+
+            enforce(self)
         self.validate()
 
     def validate(self) -> None:
@@ -108,6 +114,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
+    forced: list[int] | None = None  # teacher forcing: the tokens to score instead of sampling
     seq: object = None  # the scheduler's Sequence
     detok: object = None  # IncrementalDetokenizer
     stop_scan_from: int = 0

@@ -98,25 +98,44 @@ def sample_ref(
     top_from_processed: bool = False,
 ) -> SampleOut:
     """logits `[B, V]`; per-row params `[B]`; position = the index the sampled token will have."""
-    raw = torch.log_softmax(logits.float(), dim=-1)
     processed_logits = process_logits(logits, temperature, top_k, top_p, min_p)
-    processed = torch.log_softmax(processed_logits, dim=-1)
     greedy = temperature <= 0
     noisy = processed_logits + gumbel_noise(seed, position, logits.shape[-1])
-    tokens = torch.where(greedy, _argmax_low(raw), _argmax_low(noisy))
-    proc_for_lp = torch.where(greedy[:, None], raw, processed)
+    tokens = torch.where(greedy, _argmax_low(logits.float()), _argmax_low(noisy))
+    return _logprobs_of(logits, processed_logits, greedy, tokens, num_top_logprobs, top_from_processed)
+
+
+def score_tokens(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    num_top_logprobs: int = 0,
+    top_from_processed: bool = False,
+) -> SampleOut:
+    """Teacher forcing: the logprobs of given `tokens` `[B]` under the same transforms sampling uses."""
+    processed_logits = process_logits(logits, temperature, top_k, top_p, min_p)
+    return _logprobs_of(logits, processed_logits, temperature <= 0, tokens.long(), num_top_logprobs,
+                        top_from_processed)
+
+
+def _logprobs_of(logits, processed_logits, greedy, tokens, num_top_logprobs, top_from_processed) -> SampleOut:
+    """Raw and processed logprobs of `tokens`; greedy rows' processed distribution is the raw one."""
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    processed = torch.where(greedy[:, None], raw, torch.log_softmax(processed_logits, dim=-1))
     out = SampleOut(
         tokens=tokens,
         logprobs_raw=raw.gather(1, tokens[:, None])[:, 0],
-        logprobs_processed=proc_for_lp.gather(1, tokens[:, None])[:, 0],
+        logprobs_processed=processed.gather(1, tokens[:, None])[:, 0],
         top_ids=None,
         top_logprobs=None,
     )
     if num_top_logprobs > 0:
-        src = proc_for_lp if top_from_processed else raw
-        top = torch.sort(src, dim=-1, descending=True, stable=True)
-        out.top_ids = top.indices[:, :num_top_logprobs]
-        out.top_logprobs = top.values[:, :num_top_logprobs]
+        src = processed if top_from_processed else raw
+        top = torch.topk(src, num_top_logprobs, dim=-1)
+        out.top_ids, out.top_logprobs = top.indices, top.values
     return out
 
 

@@ -7,6 +7,7 @@ ceil(in/128)]` fp32; embeddings, norms and `lm_head` are BF16; the router `gate.
 
 CLI:
     python -m nmoe.serve.ckpt tiny --out DIR [--seed S] [--num-layers L] ...
+    python -m nmoe.serve.ckpt convert --hf DIR --out DIR-ep{N}-tp1 --world-size N [--placement ...]
 """
 
 from __future__ import annotations
@@ -378,7 +379,17 @@ def _main(argv: list[str] | None = None) -> int:
     t.add_argument("--num-layers", type=int, default=None)
     t.add_argument("--num-experts", type=int, default=None)
     t.add_argument("--hidden-size", type=int, default=None)
+    c = sub.add_parser("convert", help="split an HF checkpoint into per-rank EP shards")
+    c.add_argument("--hf", required=True, help="HF release folder")
+    c.add_argument("--out", required=True, help="output folder, e.g. DIR-ep8-tp1")
+    c.add_argument("--world-size", type=int, required=True)
+    c.add_argument("--placement", choices=["contiguous", "striped"], default="contiguous")
     args = ap.parse_args(argv)
+    if args.cmd == "convert":
+        from nmoe.serve.shards import convert
+
+        convert(args.hf, args.out, args.world_size, args.placement)
+        print(f"wrote {args.world_size} EP shards to {args.out}")
     if args.cmd == "tiny":
         over = {}
         if args.num_layers is not None:

@@ -1,46 +1,19 @@
 """Parity with transformers' DeepseekV3ForCausalLM on weights dequantized from the same FP8 checkpoint."""
 
-import json
-import os
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from nmoe.serve import LLM, SamplingParams
-from nmoe.serve.ckpt import HFCheckpoint, load_config, load_weights
+from nmoe.serve.ckpt import load_config, load_weights, write_dequantized
 from nmoe.serve.model import DeepseekV3
-from nmoe.serve.ops.fp8 import dequant_block_fp8
 
 transformers = pytest.importorskip("transformers")
-
-
-def _dequantized_dir(src: str, dst: str) -> None:
-    """The same checkpoint with every FP8 weight dequantized to fp32 and no quantization_config."""
-    ckpt = HFCheckpoint(src)
-    tensors = {}
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
-    mtp = f"model.layers.{cfg['num_hidden_layers']}."
-    for name in ckpt.weight_map:
-        if name.endswith("_scale_inv") or name.startswith(mtp):
-            continue
-        t = ckpt.get(name)
-        if ckpt.has(name + "_scale_inv"):
-            t = dequant_block_fp8(t, ckpt.get(name + "_scale_inv"))
-        tensors[name] = t.float().contiguous()
-    os.makedirs(dst, exist_ok=True)
-    save_file(tensors, os.path.join(dst, "model.safetensors"))
-    cfg.pop("quantization_config")
-    cfg["torch_dtype"] = "float32"
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(cfg, f)
 
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_random_dir, tmp_path_factory):
     dst = str(tmp_path_factory.mktemp("dequant"))
-    _dequantized_dir(tiny_random_dir, dst)
+    write_dequantized(tiny_random_dir, dst)
     m = transformers.DeepseekV3ForCausalLM.from_pretrained(dst, dtype=torch.float32, attn_implementation="eager")
     return m.eval()
 

@@ -266,6 +266,32 @@ def write_hf_checkpoint(
         copy_tokenizer(tokenizer_dir, out_dir)
 
 
+def write_dequantized(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """The checkpoint at `src` with every FP8 weight dequantized to fp32, no quantization_config and no
+    MTP layer, as one `model.safetensors` (what transformers loads on CPU for reference runs)."""
+    from nmoe.serve.ops.fp8 import dequant_block_fp8
+
+    ckpt = HFCheckpoint(src)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    mtp = f"model.layers.{cfg['num_hidden_layers']}."
+    tensors = {}
+    for name in ckpt.weight_map:
+        if name.endswith("_scale_inv") or name.startswith(mtp):
+            continue
+        t = ckpt.get(name)
+        if ckpt.has(name + "_scale_inv"):
+            t = dequant_block_fp8(t, ckpt.get(name + "_scale_inv"))
+        tensors[name] = t.float().contiguous()
+    os.makedirs(dst, exist_ok=True)
+    save_file(tensors, os.path.join(dst, SINGLE))
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = "float32"
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    copy_tokenizer(src, dst)
+
+
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     for name in TOKENIZER_FILES:
         p = os.path.join(src, name)

@@ -186,17 +186,26 @@ class MLA(nn.Module):
                 out[sl] = self._prefill_naive(q_nope[sl], q_pe[sl], cache, batch, i)
         return self.o_proj(out.flatten(1))
 
-    def _prefill_naive(self, q_nope, q_pe, cache, batch: AttnBatch, i: int) -> torch.Tensor:
-        """Queries of one sequence's chunk `[q, H, .]` over its whole cached context."""
+    def _prefill_naive(self, q_nope, q_pe, cache, batch: AttnBatch, i: int, block: int = 1024) -> torch.Tensor:
+        """Queries of one sequence's chunk `[q, H, .]` over its whole cached context.
+
+        Queries go in blocks so a long chunk's score matrix stays `[H, block, context]`."""
         n = int(batch.seq_lens[i])
         ctx = gather_context(cache, batch.block_table[i], n).to(q_nope.dtype)
         c_kv, k_pe = ctx.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         k_nope, v = self._expand(c_kv)
-        scores = torch.einsum("qhd,khd->hqk", q_nope, k_nope) + torch.einsum("qhd,kd->hqk", q_pe, k_pe)
         q = q_nope.shape[0]
-        causal = torch.arange(n, device=q_nope.device)[None, :] <= torch.arange(n - q, n, device=q_nope.device)[:, None]
-        scores = (scores * self.scale).masked_fill(~causal, float("-inf"))
-        return torch.einsum("hqk,khd->qhd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+        out = []
+        for b0 in range(0, q, block):
+            qn, qp = q_nope[b0 : b0 + block], q_pe[b0 : b0 + block]
+            first = n - q + b0  # position of this block's first query
+            keys = first + qn.shape[0]  # causal: nothing past the block's last query is needed
+            scores = torch.einsum("qhd,khd->hqk", qn, k_nope[:keys]) + torch.einsum("qhd,kd->hqk", qp, k_pe[:keys])
+            pos = torch.arange(first, keys, device=qn.device)[:, None]
+            causal = torch.arange(keys, device=qn.device)[None, :] <= pos
+            scores = (scores * self.scale).masked_fill(~causal, float("-inf"))
+            out.append(torch.einsum("hqk,khd->qhd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v[:keys]))
+        return torch.cat(out)
 
     def _decode_absorbed(self, q_nope, q_pe, cache, batch: AttnBatch, rows: list[int]) -> torch.Tensor:
         """One query per sequence: W_UK folded into the query, W_UV applied after attention."""
@@ -242,15 +251,24 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Tokens `[N, hidden]` each going to local expert `local_ids[n]` with weight `weights[n]`;
-        returns the weighted expert outputs `[N, hidden]` (row n for token n)."""
-        out = torch.zeros_like(x)
+        returns the weighted expert outputs `[N, hidden]` (row n for token n).
+
+        Rows are sorted by expert so each expert reads one contiguous slice: the layout of the
+        contiguous grouped GEMM."""
         if x.shape[0] == 0:
-            return out
-        for j in torch.unique(local_ids).tolist():
-            rows = (local_ids == j).nonzero(as_tuple=True)[0]
-            g, u = F.linear(x[rows], self.gate_up[j]).chunk(2, dim=-1)
-            y = F.linear(F.silu(g) * u, self.down[j])
-            out[rows] = y * weights[rows, None].to(y.dtype)
+            return torch.zeros_like(x)
+        order = torch.argsort(local_ids, stable=True)
+        counts = torch.bincount(local_ids, minlength=len(self.expert_ids)).tolist()
+        xs = x[order]
+        ys = torch.empty_like(xs)
+        start = 0
+        for j, n in enumerate(counts):
+            if n:
+                g, u = F.linear(xs[start : start + n], self.gate_up[j]).chunk(2, dim=-1)
+                ys[start : start + n] = F.linear(F.silu(g) * u, self.down[j])
+                start += n
+        out = torch.empty_like(x)
+        out[order] = ys * weights[order, None].to(ys.dtype)
         return out
 
 

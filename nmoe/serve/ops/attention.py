@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from nmoe.serve.ops._ext import use_cuda
-from nmoe.serve.ops.kv import gather_context
 
 
 def mla_decode_paged_ref(
@@ -24,15 +23,23 @@ def mla_decode_paged_ref(
     """q `[B, H, R + D]`, cache `[P, page, R + D]`, block_table `[B, max_pages]`, seq_lens `[B]`
     -> (out `[B, H, R]` in q's dtype, lse `[B, H]` fp32). A sequence of length 0 gives zeros and -inf."""
     b, h, _ = q.shape
-    out = torch.zeros(b, h, kv_lora_rank, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h), float("-inf"), dtype=torch.float32, device=q.device)
-    for i, n in enumerate(seq_lens.tolist()):
-        if n == 0:
-            continue
-        kv = gather_context(cache, block_table[i], n).float()  # [n, R + D]
-        scores = (q[i].float() @ kv.t()) * softmax_scale  # [H, n]
-        lse[i] = torch.logsumexp(scores, dim=-1)
-        out[i] = torch.softmax(scores, dim=-1) @ kv[:, :kv_lora_rank]
+    page = cache.shape[1]
+    longest = int(seq_lens.max()) if b else 0
+    if longest == 0:
+        out = torch.zeros(b, h, kv_lora_rank, dtype=q.dtype, device=q.device)
+        return out, torch.full((b, h), float("-inf"), dtype=torch.float32, device=q.device)
+    n_pages = -(-longest // page)
+    # every sequence's context padded to the longest: [B, n_pages * page, R + D]
+    table = block_table[:, :n_pages].long()
+    used = torch.arange(n_pages, device=q.device)[None, :] * page < seq_lens[:, None]
+    table = torch.where(used, table, torch.zeros_like(table))  # padded entries may hold any id
+    kv = cache[table].reshape(b, n_pages * page, -1).float()
+    scores = torch.einsum("bhd,bkd->bhk", q.float(), kv) * softmax_scale
+    valid = torch.arange(n_pages * page, device=q.device)[None, :] < seq_lens[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows of length 0 are all -inf
+    out = torch.einsum("bhk,bkr->bhr", probs, kv[..., :kv_lora_rank])
     return out.to(q.dtype), lse
 
 

@@ -40,6 +40,7 @@ class Env:
     test_tol: float  # NMOE_TEST_TOL
     test_tokens: int  # NMOE_TEST_TOKENS
     tf_logprob_tol: float  # NMOE_TF_LOGPROB_TOL
+    rl_logprob_tol: float  # NMOE_RL_LOGPROB_TOL
     test_timeout_s: float  # NMOE_TEST_TIMEOUT_S: wall-clock guard of the torchrun modules
     api_key: str  # NMOE_API_KEY
     cache_dir: str  # NMOE_CACHE_DIR
@@ -54,6 +55,7 @@ class Env:
             test_tol=_float("NMOE_TEST_TOL", 1e-4),
             test_tokens=_int("NMOE_TEST_TOKENS", 256),
             tf_logprob_tol=_float("NMOE_TF_LOGPROB_TOL", 0.25),
+            rl_logprob_tol=_float("NMOE_RL_LOGPROB_TOL", 0.2),
             test_timeout_s=_float("NMOE_TEST_TIMEOUT_S", 300.0),
             api_key=_str("NMOE_API_KEY", ""),
             cache_dir=_str("NMOE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "nmoe")),

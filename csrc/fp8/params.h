@@ -7,10 +7,10 @@
 // Launchers return nullptr on success, else a static message naming what failed.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <cstddef>
 #include <cstdint>
-
-#include <cuda_runtime_api.h>
 
 namespace nmoe::fp8 {
 
@@ -45,19 +45,19 @@ enum class GroupLayout : int {
 
 struct GroupedGemmParams {
   GroupLayout layout;
-  const void* a;         // e4m3, rows of k, row stride k
-  const float* sa;       // fp32, rows of ceil(k/128)
-  const void* b;         // e4m3 [num_groups, n, k]
-  const float* sb;       // fp32 [num_groups, ceil(n/128), ceil(k/128)]
-  void* d;               // bf16, rows of n, row stride n
+  const void* a;           // e4m3, rows of k, row stride k
+  const float* sa;         // fp32, rows of ceil(k/128)
+  const void* b;           // e4m3 [num_groups, n, k]
+  const float* sb;         // fp32 [num_groups, ceil(n/128), ceil(k/128)]
+  void* d;                 // bf16, rows of n, row stride n
   const int32_t* offsets;  // kContiguous: [num_groups + 1], device
   const int32_t* counts;   // kMasked: [num_groups], device
   int num_groups;
   int m;  // kDense, kContiguous: rows of A; kMasked: max_m (rows per group)
   int n;
   int k;
-  int sm_count;           // CTAs of the persistent grid
-  void* workspace;        // device, grouped_gemm_workspace_bytes(num_groups, sm_count) bytes
+  int sm_count;     // CTAs of the persistent grid
+  void* workspace;  // device, grouped_gemm_workspace_bytes(num_groups, sm_count) bytes
 };
 
 size_t grouped_gemm_workspace_bytes_sm90(int num_groups, int sm_count);

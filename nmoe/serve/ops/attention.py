@@ -33,9 +33,10 @@ def mla_decode_paged_ref(
     table = block_table[:, :n_pages].long()
     used = torch.arange(n_pages, device=q.device)[None, :] * page < seq_lens[:, None]
     table = torch.where(used, table, torch.zeros_like(table))  # padded entries may hold any id
-    kv = cache[table].reshape(b, n_pages * page, -1).float()
-    scores = torch.einsum("bhd,bkd->bhk", q.float(), kv) * softmax_scale
     valid = torch.arange(n_pages * page, device=q.device)[None, :] < seq_lens[:, None]
+    # slots past a sequence's length may hold anything (NaN included): zero them before both einsums
+    kv = cache[table].reshape(b, n_pages * page, -1).float().masked_fill(~valid[:, :, None], 0.0)
+    scores = torch.einsum("bhd,bkd->bhk", q.float(), kv) * softmax_scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows of length 0 are all -inf

@@ -77,7 +77,8 @@ def process_logits(
     keep = rank < k[:, None]
     probs = torch.softmax(sorted_x.masked_fill(~keep, float("-inf")), dim=-1)
     mass_before = probs.cumsum(-1) - probs
-    keep &= mass_before < top_p.float()[:, None]
+    # top_p >= 1 is off: an fp32 cumulative sum can reach 1.0 before the tail and would cut it
+    keep &= (mass_before < top_p.float()[:, None]) | (top_p >= 1)[:, None]
     keep[:, 0] = True
     pmax = probs[:, :1]
     keep &= probs >= min_p.float()[:, None] * pmax

@@ -1,0 +1,245 @@
+"""Times the FP8 ops of nmoe._C on the DeepSeek-V3 shapes, beside baselines, against measured ceilings.
+
+    python benchmarks/bench_fp8_gemm.py [--json out.json] [--quick]
+
+Ceilings are measured in the same run: HBM bandwidth as a device-to-device copy (bytes read + written
+per second) and dense BF16 matmul TFLOP/s (8192^3). Every time is the median of CUDA-event timings.
+Baselines: a per-expert loop of torch._scaled_mm (block-scaled 1x128 / 128x128 when this torch
+supports it, else row-wise scaled, which is a cheaper recipe), and BF16 torch.matmul on dequantized
+weights (dequantized before timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from nmoe.serve.ops import moe_gemm
+from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_block_fp8, quant_fp8_act
+
+
+def median_ms(fn, *args, iters: int = 20, warmup: int = 3) -> float:
+    """Median CUDA-event time of `fn(*args)` in milliseconds."""
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_ms(fn, *args, iters: int = 20, per_graph: int = 10) -> float:
+    """Median time of one call of `fn(*args)` when `per_graph` calls are replayed from a CUDA graph."""
+    fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn(*args)
+    return median_ms(graph.replay, iters=iters) / per_graph
+
+
+def run_all(fns) -> None:
+    for f in fns:
+        f()
+
+
+def bf16_expert_loop(xb, wb, bounds) -> None:
+    for g in range(wb.shape[0]):
+        xb[bounds[g] : bounds[g + 1]] @ wb[g].t()
+
+
+def ceilings() -> dict:
+    n = 1 << 30  # 1 GiB each way
+    src, dst = (
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+    )
+    copy_gbs = 2 * n / median_ms(dst.copy_, src) / 1e6
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_tflops = 2 * 8192**3 / median_ms(torch.matmul, a, b) / 1e9
+    return {"hbm_copy_GBps": copy_gbs, "bf16_mm_TFLOPs": mm_tflops}
+
+
+def expert_weights(e: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.empty(e, n, k, dtype=FP8, device="cuda")
+    s = torch.empty(e, -(-n // 128), -(-k // 128), device="cuda")
+    for g in range(e):
+        w[g], s[g] = quant_block_fp8(torch.randn(n, k, device="cuda") * 0.02)
+    return w, s
+
+
+def scaled_mm_fn(xq, xs, w, ws):
+    """A torch._scaled_mm call for one expert: block-scaled if supported, else row-wise. -> (fn, recipe)."""
+    ref = fp8_gemm(xq, xs, w, ws).float()
+    variants = [
+        ("block", lambda: (xs.t().contiguous().t(), ws.t())),
+        ("block", lambda: (xs.t().contiguous().t(), ws.t().contiguous())),
+    ]
+    for recipe, make in variants:
+        try:
+            sa, sb = make()
+            out = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+            if (out.float() - ref).norm() <= 1e-2 * ref.norm():
+                return (
+                    lambda sa=sa, sb=sb: torch._scaled_mm(xq, w.t(), sa, sb, out_dtype=torch.bfloat16)
+                ), recipe
+        except (RuntimeError, TypeError):
+            pass
+    sa = xs.amax(dim=1, keepdim=True)
+    sb = ws.amax(dim=1).repeat_interleave(128)[: w.shape[0]].view(1, -1).contiguous()
+    try:
+        torch._scaled_mm(xq, w.t(), sa, sb, out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError):
+        return None, "none"
+    return (lambda: torch._scaled_mm(xq, w.t(), sa, sb, out_dtype=torch.bfloat16)), "rowwise"
+
+
+def row(name, shape, ms, flops, nbytes, ceil, base_scaled=None, base_bf16=None, recipe="", graph=None):
+    r = {
+        "op": name,
+        "shape": shape,
+        "ms": ms,
+        "TFLOPs": flops / ms / 1e9,
+        "GBps": nbytes / ms / 1e6,
+        "frac_mm": flops / ms / 1e9 / ceil["bf16_mm_TFLOPs"],
+        "frac_hbm": nbytes / ms / 1e6 / ceil["hbm_copy_GBps"],
+        "scaled_mm_loop_ms": base_scaled,
+        "scaled_mm_recipe": recipe,
+        "bf16_ms": base_bf16,
+        "graph_ms": graph,
+    }
+    print(
+        f"| {name} | {shape} | {ms:.3f} | {graph if graph is None else f'{graph:.3f}'} | {r['TFLOPs']:.0f} | "
+        f"{r['GBps']:.0f} | {r['frac_mm']:.2f} | {r['frac_hbm']:.2f} | "
+        f"{'-' if base_scaled is None else f'{base_scaled:.3f} ({recipe})'} | "
+        f"{'-' if base_bf16 is None else f'{base_bf16:.3f}'} |",
+        flush=True,
+    )
+    return r
+
+
+def bench_quant(ceil, rows_out):
+    m, k = 8192, 7168
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(quant_fp8_act, x)
+    rows_out.append(row("quant_fp8_act", f"{m}x{k}", ms, 0, m * k * 3 + m * k // 32, ceil))
+    two_i = 4096
+    h = torch.randn(m, two_i, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(moe_gemm.silu_mul_quant_fp8, h)
+    nbytes = m * two_i * 2 + m * two_i // 2 + m * two_i // 64
+    rows_out.append(row("silu_mul_quant_fp8", f"{m}x{two_i}", ms, 0, nbytes, ceil))
+
+
+def bench_dense(ceil, rows_out, shapes, ms_list):
+    for n, k in shapes:
+        w, ws = expert_weights(1, n, k)
+        wb = dequant_block_fp8(w[0], ws[0]).to(torch.bfloat16)
+        for m in ms_list:
+            xq, xs = quant_fp8_act(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            ms = median_ms(fp8_gemm, xq, xs, w[0], ws[0])
+            fn, recipe = scaled_mm_fn(xq, xs, w[0], ws[0])
+            base = median_ms(fn) if fn else None
+            xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16 = median_ms(torch.matmul, xb, wb.t())
+            nbytes = n * k + m * k + 2 * m * n
+            rows_out.append(
+                row("fp8_gemm", f"m={m} n={n} k={k}", ms, 2 * m * n * k, nbytes, ceil, base, bf16, recipe)
+            )
+
+
+def imbalanced(e: int, mean: int, cap: int | None = None) -> list[int]:
+    gen = torch.Generator().manual_seed(e * mean)
+    c = (mean * (0.7 + 0.6 * torch.rand(e, generator=gen))).round().long()
+    if cap is not None:
+        c = c.clamp(max=cap)
+    return c.tolist()
+
+
+def bench_contiguous(ceil, rows_out, e, tokens, shapes):
+    counts = imbalanced(e, tokens // e)
+    m = sum(counts)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    bounds = offsets.tolist()
+    for n, k in shapes:
+        w, ws = expert_weights(e, n, k)
+        xq, xs = quant_fp8_act(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        ms = median_ms(moe_gemm.grouped_fp8_gemm_contiguous, xq, xs, w, ws, offsets)
+        fns = [
+            scaled_mm_fn(xq[bounds[g] : bounds[g + 1]], xs[bounds[g] : bounds[g + 1]], w[g], ws[g])
+            for g in range(e)
+        ]
+        recipe = fns[0][1]
+        base = median_ms(run_all, [f for f, _ in fns]) if all(f for f, _ in fns) else None
+        wb = torch.stack([dequant_block_fp8(w[g], ws[g]).to(torch.bfloat16) for g in range(e)])
+        xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        bf16 = median_ms(bf16_expert_loop, xb, wb, bounds)
+        nbytes = e * n * k + m * k + 2 * m * n
+        shape = f"E={e} m={m} n={n} k={k}"
+        rows_out.append(row("grouped_contiguous", shape, ms, 2 * m * n * k, nbytes, ceil, base, bf16, recipe))
+
+
+def bench_masked(ceil, rows_out, e, shapes, max_ms):
+    for n, k in shapes:
+        w, ws = expert_weights(e, n, k)
+        wb = torch.stack([dequant_block_fp8(w[g], ws[g]).to(torch.bfloat16) for g in range(e)])
+        for max_m in max_ms:
+            counts = imbalanced(e, max(1, (3 * max_m) // 4), cap=max_m)
+            cnt = torch.tensor(counts, dtype=torch.int32, device="cuda")
+            xq, xs = quant_fp8_act(torch.randn(e * max_m, k, device="cuda", dtype=torch.bfloat16))
+            xq, xs = xq.view(e, max_m, k), xs.view(e, max_m, -1)
+            ms = median_ms(moe_gemm.grouped_fp8_gemm_masked, xq, xs, w, ws, cnt)
+            graph = graph_ms(moe_gemm.grouped_fp8_gemm_masked, xq, xs, w, ws, cnt)
+            fns = [
+                scaled_mm_fn(xq[g, : max(c, 1)], xs[g, : max(c, 1)], w[g], ws[g])
+                for g, c in enumerate(counts)
+            ]
+            recipe = fns[0][1]
+            base = median_ms(run_all, [f for f, _ in fns]) if all(f for f, _ in fns) else None
+            xb = torch.randn(e, max_m, k, device="cuda", dtype=torch.bfloat16)
+            bf16 = median_ms(torch.bmm, xb, wb.transpose(1, 2))
+            m = sum(counts)
+            nbytes = e * n * k  # the weights: what decode must stream
+            shape = f"E={e} max_m={max_m} m={m} n={n} k={k}"
+            rows_out.append(
+                row("grouped_masked", shape, ms, 2 * m * n * k, nbytes, ceil, base, bf16, recipe, graph=graph)
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the rows and ceilings here")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    ceil = ceilings()
+    print(
+        f"ceilings: HBM copy {ceil['hbm_copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s\n"
+    )
+    print(
+        "| op | shape | ours ms | ours ms (graph) | TFLOP/s | GB/s | of bf16 mm | of HBM | "
+        "scaled_mm loop ms | bf16 ms |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows: list[dict] = []
+    bench_quant(ceil, rows)
+    dense = [(24576, 1536), (7168, 16384), (2112, 7168)] if not args.quick else [(7168, 16384)]
+    bench_dense(ceil, rows, dense, [32, 4096])
+    bench_contiguous(ceil, rows, 32, 8192, [(4096, 7168), (7168, 2048)])
+    bench_masked(ceil, rows, 32, [(4096, 7168), (7168, 2048)], [8, 32, 64] if not args.quick else [32])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Sampling B x V logits: torch.ops.nmoe.sample vs the sort-based torch reference (sample_ref on
+the GPU), beside the time to read the logits once at the copy bandwidth measured in the same run.
+
+    python benchmarks/bench_sampling.py [--batch 256] [--vocab 129280]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _roofline import hbm_bandwidth, time_us  # noqa: E402
+
+from nmoe.serve.ops.sampling import sample_ref  # noqa: E402
+
+CASES = [  # name, temperature, top_k, top_p, min_p, num_top_logprobs
+    ("greedy", 0.0, 0, 1.0, 0.0, 0),
+    ("t=1 (full vocab)", 1.0, 0, 1.0, 0.0, 0),
+    ("top_k=50", 0.7, 50, 1.0, 0.0, 0),
+    ("top_p=0.9", 1.0, 0, 0.9, 0.0, 0),
+    ("top_k=40 top_p=0.95 min_p=0.05", 0.8, 40, 0.95, 0.05, 0),
+    ("top_p=0.9 + 20 top logprobs", 1.0, 0, 0.9, 0.0, 20),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=129280)
+    args = ap.parse_args()
+    try:
+        import nmoe._C  # noqa: F401
+    except ImportError:
+        pass
+    assert hasattr(torch.ops.nmoe, "sample"), "nmoe._C is not built"
+    b, v = args.batch, args.vocab
+    bw = hbm_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(b, v, device="cuda", generator=g) * 2
+    top = torch.randint(0, v, (b, 8), device="cuda", generator=g)
+    logits.scatter_add_(1, top, torch.rand(b, 8, device="cuda", generator=g) * 12 + 4)
+    read_once = b * v * 4 / bw * 1e6
+    print(
+        f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; B={b} V={v}: "
+        f"reading the logits once takes {read_once:.1f} us"
+    )
+    print("| case | kernel us | x read-once | GB/s (one read) | torch sort-based us | speedup |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    seed = torch.arange(b, device="cuda")
+    pos = torch.zeros(b, dtype=torch.int64, device="cuda")
+    for name, t, k, p, mp, ntop in CASES:
+        args_ = (
+            logits,
+            torch.full((b,), t, device="cuda"),
+            torch.full((b,), k, dtype=torch.int32, device="cuda"),
+            torch.full((b,), p, device="cuda"),
+            torch.full((b,), mp, device="cuda"),
+            seed,
+            pos,
+            ntop,
+            True,
+        )
+        us = time_us(functools.partial(torch.ops.nmoe.sample, *args_), iters=20)
+        base = time_us(functools.partial(sample_ref, *args_), iters=3, warmup=1)
+        print(
+            f"| {name} | {us:8.1f} | {us / read_once:5.2f} | {b * v * 4 / us / 1e3:6.0f} | {base:9.1f} |"
+            f" {base / us:5.1f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+// Interface layer of the attention ops: checks device, dtype, shape and stride of every tensor with
+// a message naming it, fills MlaDecodeParams and launches on the current stream.
+#include "attention/interface.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "attention/params.h"
+
+namespace nmoe::attention {
+namespace {
+
+constexpr const char* kOp = "mla_decode_paged";
+
+void check_tensor(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t dim, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), kOp, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), kOp, ": ", name, " is on ", t.device(), ", q on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == dtype, kOp, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, kOp, ": ", name, " must have ", dim, " dims, got shape ", t.sizes());
+  TORCH_CHECK(t.numel() == 0 || t.stride(-1) == 1, kOp, ": ", name,
+              " must have unit stride in its last dim, got strides ", t.strides());
+}
+
+void check_16b(const char* name, const at::Tensor& t, std::initializer_list<int64_t> strides) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, kOp, ": ", name,
+              " must start on a 16-byte boundary (storage offset ", t.storage_offset(), ")");
+  for (int64_t s : strides) {
+    TORCH_CHECK(s % 8 == 0, kOp, ": ", name, " strides must be multiples of 8 elements (16 bytes), got ", t.strides());
+  }
+}
+
+int sm_count(int device) {
+  static std::array<int, 64> cache{};
+  TORCH_CHECK(device >= 0 && device < static_cast<int>(cache.size()), kOp, ": device index ", device, " out of range");
+  if (cache[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const at::Tensor& cache,
+                                                    const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                                    double softmax_scale) {
+  check_tensor("q", q, at::kBFloat16, 3, q);
+  check_tensor("cache", cache, at::kBFloat16, 3, q);
+  check_tensor("block_table", block_table, at::kInt, 2, q);
+  check_tensor("seq_lens", seq_lens, at::kInt, 1, q);
+  const int64_t batch = q.size(0), heads = q.size(1);
+  TORCH_CHECK(q.size(2) == kHeadDim, kOp, ": q must be [B, H, ", kHeadDim, "] (", kLoraRank, " latent + ", kRopeDim,
+              " rope), got ", q.sizes());
+  TORCH_CHECK(cache.size(2) == kHeadDim, kOp, ": cache must be [pages, page_size, ", kHeadDim, "], got ",
+              cache.sizes());
+  const int64_t page_size = cache.size(1);
+  TORCH_CHECK(page_size >= 1, kOp, ": cache page_size must be positive, got ", cache.sizes());
+  TORCH_CHECK(block_table.size(0) == batch, kOp, ": block_table must have ", batch, " rows (q's batch), got ",
+              block_table.sizes());
+  TORCH_CHECK(seq_lens.size(0) == batch, kOp, ": seq_lens must be [", batch, "], got ", seq_lens.sizes());
+  TORCH_CHECK(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ", softmax_scale);
+  const int64_t max_pages = block_table.size(1);
+  TORCH_CHECK(max_pages * page_size <= std::numeric_limits<int32_t>::max() && batch <= 65535 && heads <= 65535, kOp,
+              ": sizes out of range: q ", q.sizes(), ", block_table ", block_table.sizes());
+
+  c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty({batch, heads, kLoraRank}, q.options());
+  auto lse = at::empty({batch, heads}, q.options().dtype(at::kFloat));
+  if (batch == 0 || heads == 0) return {out, lse};
+  check_16b("q", q, {q.stride(0), q.stride(1)});
+  check_16b("cache", cache, {cache.stride(0), cache.stride(1)});
+
+  MlaDecodeParams p{};
+  p.q = q.data_ptr();
+  p.cache = cache.data_ptr();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.batch = static_cast<int>(batch);
+  p.heads = static_cast<int>(heads);
+  p.page_size = static_cast<int>(page_size);
+  p.max_pages = static_cast<int>(max_pages);
+  p.q_batch_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.page_stride = cache.stride(0);
+  p.token_stride = cache.stride(1);
+  p.block_table_stride = block_table.stride(0);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.num_splits = mla_decode_num_splits(p.batch, p.heads, p.max_pages * p.page_size, sm_count(q.get_device()));
+
+  at::Tensor part_out, part_lse;
+  if (p.num_splits > 1) {
+    part_out = at::empty({batch, p.num_splits, heads, kLoraRank}, lse.options());
+    part_lse = at::empty({batch, p.num_splits, heads}, lse.options());
+    p.part_out = part_out.data_ptr<float>();
+    p.part_lse = part_lse.data_ptr<float>();
+  }
+  const char* err = mla_decode_paged_launch(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return {out, lse};
+}
+
+}  // namespace nmoe::attention

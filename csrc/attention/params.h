@@ -1,0 +1,53 @@
+// Plain parameter structs and launcher declarations of the MLA decode kernels.
+//
+// The interface layer (interface.cpp) checks every at::Tensor and fills these; kernels never see
+// at::Tensor. Layouts (element strides; the last dim always has unit stride):
+//   q           bf16 [batch, heads, 576]      576 = kv_lora_rank 512 + rope 64
+//   cache       bf16 [pages, page_size, 576]  values are the first 512 columns
+//   block_table int32 [batch, max_pages]      only the first ceil(len / page_size) entries are read
+//   seq_lens    int32 [batch]                 clamped to [0, max_pages * page_size]
+//   out         bf16 [batch, heads, 512]      contiguous
+//   lse         fp32 [batch, heads]           contiguous, natural log; -inf for length 0
+//   part_out    fp32 [batch, splits, heads, 512], part_lse fp32 [batch, splits, heads] when splits > 1
+// Launchers return nullptr on success, else a static message naming what failed.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace nmoe::attention {
+
+constexpr int kLoraRank = 512;
+constexpr int kRopeDim = 64;
+constexpr int kHeadDim = kLoraRank + kRopeDim;
+
+struct MlaDecodeParams {
+  const void* q;
+  const void* cache;
+  const int32_t* block_table;
+  const int32_t* seq_lens;
+  void* out;
+  float* lse;
+  float* part_out;
+  float* part_lse;
+  int batch;
+  int heads;
+  int page_size;
+  int max_pages;
+  int num_splits;
+  int64_t q_batch_stride;
+  int64_t q_head_stride;
+  int64_t page_stride;
+  int64_t token_stride;
+  int64_t block_table_stride;
+  float scale_log2;  // softmax_scale * log2(e): scores are kept in base 2
+};
+
+// How many KV splits per (sequence, head block) fill `sm_count` multiprocessors, given only the
+// shapes (no host read of seq_lens, so the choice is CUDA-graph safe).
+int mla_decode_num_splits(int batch, int heads, int max_len, int sm_count);
+
+const char* mla_decode_paged_launch(const MlaDecodeParams& p, cudaStream_t stream);
+
+}  // namespace nmoe::attention

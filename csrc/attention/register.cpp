@@ -1,0 +1,12 @@
+// Registers the attention ops as torch.ops.nmoe.* (schema here, CUDA implementation in interface.cpp).
+#include <torch/library.h>
+
+#include "attention/interface.h"
+
+TORCH_LIBRARY_FRAGMENT(nmoe, m) {
+  m.def(
+      "mla_decode_paged(Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, float softmax_scale)"
+      " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(nmoe, CUDA, m) { m.impl("mla_decode_paged", &nmoe::attention::mla_decode_paged); }

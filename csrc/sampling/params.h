@@ -1,0 +1,39 @@
+// Plain parameters and launcher of the sampler (kernels never see at::Tensor).
+//   logits fp32 [rows, vocab] (row stride in elements, unit last); per-row temperature fp32,
+//   top_k int32 (<= 0 or >= vocab: off), top_p fp32 (>= 1: off), min_p fp32 (<= 0: off), seed int64,
+//   position int64; outputs tokens int64 [rows], logprobs_raw / logprobs_processed fp32 [rows],
+//   top_ids int64 / top_logprobs fp32 [rows, num_top] (contiguous).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace nmoe::sampling {
+
+constexpr int kMaxTopLogprobs = 1024;
+
+struct SampleParams {
+  const float* logits;
+  int64_t rows;
+  int64_t vocab;
+  int64_t row_stride;
+  const float* temperature;
+  const int32_t* top_k;
+  const float* top_p;
+  const float* min_p;
+  const int64_t* seed;
+  const int64_t* position;
+  int64_t* tokens;
+  float* logprobs_raw;
+  float* logprobs_processed;
+  int64_t* top_ids;
+  float* top_logprobs;
+  int num_top;
+  bool top_from_processed;
+  bool vec4;  // rows start on 16-byte boundaries (float4 loads)
+};
+
+const char* sample_launch(const SampleParams& p, cudaStream_t stream);
+
+}  // namespace nmoe::sampling

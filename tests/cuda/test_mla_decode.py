@@ -1,0 +1,144 @@
+"""torch.ops.nmoe.mla_decode_paged against an fp32 reference (skipped without CUDA or nmoe._C).
+
+Every case poisons the cache's unused slots with NaN, pads the block table with huge page ids and
+poisons the memory the outputs are allocated from, so an element the kernel reads or leaves
+unwritten by mistake shows up as NaN. Criteria, per case (rows of length > 0):
+  lse:  |lse - ref| <= 1e-3 (fp32 scores from bf16 inputs)
+  out:  |out - ref| <= 1e-2 + 2e-2 |ref| elementwise (bf16 output, P rounded to bf16);
+        per (sequence, head) cosine >= 0.999; global 1 - 2<x,y> / (|x|^2 + |y|^2) <= 1e-4
+  length 0: out exactly 0, lse = -inf.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmoe.serve.ops.attention import mla_decode_paged_ref
+
+R, D = 512, 64
+HUGE_PAGE = 2**31 - 1
+
+
+def _ops():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    try:
+        import nmoe._C  # noqa: F401
+    except ImportError:
+        pass
+    if not hasattr(torch.ops.nmoe, "mla_decode_paged"):
+        pytest.skip("nmoe._C (CUDA kernels) is not built")
+    return torch.ops.nmoe
+
+
+def make_case(lengths, heads, page_size, seed=0, q_padded=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b = len(lengths)
+    pages_per = [-(-n // page_size) for n in lengths]
+    max_pages = max(pages_per + [1]) + 2
+    num_pages = sum(pages_per) + 5
+    cache = torch.full((num_pages, page_size, R + D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    table = torch.full((b, max_pages), HUGE_PAGE, dtype=torch.int32, device="cuda")
+    perm = torch.randperm(num_pages, device="cuda", generator=g)
+    used = 0
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        pages = perm[used : used + pages_per[i]]
+        used += pages_per[i]
+        table[i, : pages_per[i]] = pages.int()
+        kv = torch.randn(pages_per[i] * page_size, R + D, device="cuda", generator=g).bfloat16()
+        kv[n:] = float("nan")  # the tail of the last page stays poisoned
+        cache[pages] = kv.view(-1, page_size, R + D)
+    if q_padded:
+        q = torch.randn(b, heads, R + D + 64, device="cuda", generator=g).bfloat16()[..., : R + D]
+    else:
+        q = torch.randn(b, heads, R + D, device="cuda", generator=g).bfloat16()
+    return q, cache, table, torch.tensor(lengths, dtype=torch.int32, device="cuda")
+
+
+def poison_allocator(nbytes: int):
+    """Fill (and free) a block so the op's outputs come from NaN-filled memory."""
+    torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
+
+
+def check(ops, lengths, heads, page_size, seed=0, q_padded=False):
+    q, cache, table, seq_lens = make_case(lengths, heads, page_size, seed, q_padded)
+    scale = 192**-0.5
+    poison_allocator(len(lengths) * heads * (R * 2 + 4) * 2)
+    out, lse = ops.mla_decode_paged(q, cache, table, seq_lens, scale)
+    torch.cuda.synchronize()
+    # The kernel reads the poisoned cache; the reference gets the poison zeroed (valid slots are never
+    # NaN), so a NaN in the output can only come from the kernel reading a slot it must not.
+    ref_out, ref_lse = mla_decode_paged_ref(
+        q.float(), cache.float().nan_to_num(0.0), table, seq_lens, scale, R
+    )
+    assert out.shape == (len(lengths), heads, R) and out.dtype == torch.bfloat16
+    assert lse.shape == (len(lengths), heads) and lse.dtype == torch.float32
+    lens = seq_lens.long()
+    empty = lens == 0
+    assert torch.all(out[empty] == 0) and torch.all(lse[empty] == float("-inf"))
+    o, r = out[~empty].float(), ref_out[~empty]
+    if o.numel() == 0:
+        return
+    assert torch.isfinite(o).all() and torch.isfinite(lse[~empty]).all()
+    lse_err = (lse[~empty] - ref_lse[~empty]).abs().max().item()
+    assert lse_err <= 1e-3, f"lse error {lse_err}"
+    bad = (o - r).abs() > 1e-2 + 2e-2 * r.abs()
+    assert not bad.any(), f"{int(bad.sum())} elements off, max abs error {(o - r).abs().max().item()}"
+    cos = torch.nn.functional.cosine_similarity(o, r, dim=-1)
+    assert cos.min().item() >= 0.999, f"min cosine {cos.min().item()}"
+    diff = 1 - 2 * (o.double() * r.double()).sum() / (o.double().square().sum() + r.double().square().sum())
+    assert diff.item() <= 1e-4, f"global diff {diff.item()}"
+
+
+@pytest.mark.parametrize("heads", [1, 16, 20, 63, 128])
+@pytest.mark.parametrize("page_size", [16, 48, 64, 128])
+def test_mixed_lengths(heads, page_size):
+    ops = _ops()
+    lengths = [0, 1, 7, 63, 64, 65, 200, 1000, 2049, 0, 5000]
+    check(ops, lengths, heads, page_size, seed=heads * 131 + page_size)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_single_and_small_batches_split_kv(batch):
+    ops = _ops()
+    g = torch.Generator().manual_seed(batch)
+    lengths = torch.randint(1, 32768, (batch,), generator=g).tolist()
+    lengths[0] = 32768
+    check(ops, lengths, 128, 64, seed=batch)
+    check(ops, lengths, 16, 64, seed=batch + 100)
+
+
+def test_batch_256_lengths_to_32k():
+    ops = _ops()
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(0, 4096, (256,), generator=g)
+    lengths[::37] = 0
+    lengths[5::41] = torch.randint(8192, 32769, (len(lengths[5::41]),), generator=g)
+    check(ops, lengths.tolist(), 128, 64, seed=7)
+
+
+def test_batch_256_short_16_heads():
+    ops = _ops()
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.randint(0, 300, (256,), generator=g).tolist()
+    check(ops, lengths, 16, 16, seed=8)
+
+
+def test_all_empty_and_strided_q():
+    ops = _ops()
+    check(ops, [0, 0, 0], 128, 64)
+    check(ops, [10, 300, 0, 4000], 63, 64, q_padded=True)
+
+
+def test_rejects_bad_inputs():
+    ops = _ops()
+    q, cache, table, seq_lens = make_case([5], 16, 64)
+    with pytest.raises(RuntimeError, match="q must be"):
+        ops.mla_decode_paged(q.float(), cache, table, seq_lens, 0.1)
+    with pytest.raises(RuntimeError, match="block_table"):
+        ops.mla_decode_paged(q, cache, table.long(), seq_lens, 0.1)
+    with pytest.raises(RuntimeError, match="cache must be"):
+        ops.mla_decode_paged(q, cache[..., :512], table, seq_lens, 0.1)

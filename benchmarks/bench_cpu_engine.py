@@ -23,7 +23,8 @@ from nmoe.serve.ckpt import resolve_model_path, write_dequantized
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [[0] + torch.randint(2, vocab, (int(l),), generator=g).tolist() for l in torch.randint(8, 120, (n,), generator=g)]
+    lengths = torch.randint(8, 120, (n,), generator=g).tolist()
+    return [[0] + torch.randint(2, vocab, (m,), generator=g).tolist() for m in lengths]
 
 
 def run_engine(model: str, ps: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:

@@ -184,14 +184,17 @@ class RadixCache:
     def num_cached_pages(self) -> int:
         return self._num_nodes
 
-    def match(self, tokens: Sequence[int]) -> PrefixMatch:
-        """Longest cached prefix of `tokens` in full pages; its nodes locked, its pages incref'd."""
+    def match(self, tokens: Sequence[int], limit: int | None = None) -> PrefixMatch:
+        """Longest cached prefix of tokens[:limit] in full pages; its nodes locked, its pages incref'd.
+
+        `limit` (default: all) saves the caller a copy of a long token list."""
         if not self.enabled:
             return PrefixMatch([], 0, PrefixHandle(self._root, 0))
         tick = self._tick()
         ps = self.page_size
+        n = len(tokens) if limit is None else max(0, min(limit, len(tokens)))
         node, pages = self._root, []
-        for start in range(0, len(tokens) - ps + 1, ps):
+        for start in range(0, n - ps + 1, ps):
             child = self._child(node, tuple(tokens[start : start + ps]))
             if child is None:
                 break
@@ -254,10 +257,10 @@ class RadixCache:
         """
         if not self.enabled or num_pages <= 0:
             return 0
-        alloc, heap, root = self.allocator, self._heap, self._root
+        alloc, root = self.allocator, self._root
         freed = 0
-        while freed < num_pages and heap:
-            stamp, _, node = heapq.heappop(heap)
+        while freed < num_pages and self._heap:  # not cached in a local: _maybe_push may rebuild it
+            stamp, _, node = heapq.heappop(self._heap)
             if node.parent is None or node.lock or node.children or node.last_access != stamp:
                 continue  # stale entry
             parent = node.parent

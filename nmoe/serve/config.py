@@ -232,6 +232,7 @@ class ServeConfig:
     ckpt: str = "tiny"
     attention_type: str = "mla"
     device: str = "cpu"
+    kv_cache_dtype: str = "auto"
     num_pages: int = 1024
     page_size: int = 64
     max_seq_len: int = 16384

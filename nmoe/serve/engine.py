@@ -57,8 +57,9 @@ class Engine:
         self.model.load_hf(weights)
         self.model.to(self.device).eval().requires_grad_(False)
         mc = self.model_cfg
+        kv_dtype = self._kv_dtype()
         self.kv_caches = [
-            torch.zeros(cfg.num_pages, cfg.page_size, mc.kv_cache_dim, dtype=torch.float32, device=self.device)
+            torch.zeros(cfg.num_pages, cfg.page_size, mc.kv_cache_dim, dtype=kv_dtype, device=self.device)
             for _ in range(mc.num_hidden_layers)
         ]
         self.scheduler = Scheduler(
@@ -78,6 +79,17 @@ class Engine:
         self._rng = random.Random(cfg.seed * 1000003 + self.rank.rank)
         self._next_rid = 0
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "cached_tokens": 0}
+
+    def _kv_dtype(self) -> torch.dtype:
+        """`--kv-cache-dtype auto`: BF16 on GPU where the MLA decode kernel applies (DeepSeek-V3's
+        512 + 64 latent), fp32 otherwise (CPU, and small test models, whose CUDA runs then match CPU)."""
+        choice = self.cfg.kv_cache_dtype
+        if choice == "auto":
+            kernel = self.model_cfg.kv_lora_rank == 512 and self.model_cfg.qk_rope_head_dim == 64
+            choice = "bfloat16" if self.device.type == "cuda" and kernel else "float32"
+        if choice not in ("bfloat16", "float32"):
+            raise ValueError(f"--kv-cache-dtype {choice!r} is not supported (auto, bfloat16, float32)")
+        return getattr(torch, choice)
 
     # --------------------------------------------------------------------------------------------
     # Admission
@@ -158,6 +170,21 @@ class Engine:
         self.scheduler.complete(batch)
         self.stats["steps"] += 1
         return touched
+
+    @torch.no_grad()
+    def forward_idle(self) -> None:
+        """A forward with no tokens (T=0): enters every collective of the MoE layers, as lockstep needs."""
+        dev = self.device
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        attn = AttnBatch(
+            positions=empty,
+            out_loc=empty,
+            block_table=torch.zeros(0, 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
+            q_lens=[],
+            kv_caches=self.kv_caches,
+        )
+        self.model(empty, attn)
 
     def _forward_groups(self, batch: Batch) -> list[list]:
         """The batch's items as forwards: one shared, plus one per `solo_forward` request.

@@ -45,6 +45,8 @@ def mla_decode_paged_ref(
 
 
 def mla_decode_paged(q, cache, block_table, seq_lens, softmax_scale, kv_lora_rank):
-    if use_cuda(q, cache, block_table, seq_lens):
+    # the kernel is built for DeepSeek-V3's latent width (512 + 64) and a BF16 cache
+    kernel_shape = kv_lora_rank == 512 and q.shape[-1] == 576
+    if use_cuda(q, cache, block_table, seq_lens) and kernel_shape and q.dtype == cache.dtype == torch.bfloat16:
         return torch.ops.nmoe.mla_decode_paged(q, cache, block_table, seq_lens, float(softmax_scale))
     return mla_decode_paged_ref(q, cache, block_table, seq_lens, softmax_scale, kv_lora_rank)

@@ -1,0 +1,68 @@
+"""The engine gives identical results with prefix caching, chunked prefill and mixed steps on or off."""
+
+import pytest
+import torch
+
+from nmoe.serve import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, logprobs=True, ignore_eos=True)
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(21)
+    shared = torch.randint(2, 500, (100,), generator=g).tolist()  # a prefix several prompts share
+    return [shared + torch.randint(2, 500, (n,), generator=g).tolist() for n in (5, 30, 77)] + [
+        torch.randint(2, 500, (n,), generator=g).tolist() for n in (3, 140)
+    ]
+
+
+def _run(model_dir, **kw):
+    llm = LLM(model=model_dir, num_pages=128, page_size=16, max_seq_len=1024, debug_invariants=True, **kw)
+    prompts = _prompts()
+    first = llm.generate(prompts[:1], GREEDY)  # warms the prefix cache with the shared prefix
+    rest = llm.generate(prompts[1:], GREEDY)
+    return first + rest, llm.engine.stats
+
+
+MODES = {
+    "default": {},
+    "no_prefix_cache": {"disable_prefix_cache": True},
+    "unchunked": {"disable_chunked_prefill": True, "max_prefill_tokens": 1024},
+    "small_chunks": {"chunk_size": 16, "max_prefill_tokens": 40},
+    "no_mixed_steps": {"disable_mixed_steps": True},
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_random_dir):
+    return _run(tiny_random_dir, disable_prefix_cache=True, disable_chunked_prefill=True, max_prefill_tokens=1024)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_results_identical_across_modes(tiny_random_dir, reference, mode):
+    ref, _ = reference
+    outs, _ = _run(tiny_random_dir, **MODES[mode])
+    for a, b in zip(ref, outs):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_prefix_reuse_cuts_prefill_tokens(tiny_random_dir, reference):
+    _, cold = reference
+    _, warm = _run(tiny_random_dir)
+    print(f"prefill tokens: {cold['prefill_tokens']} without prefix cache, {warm['prefill_tokens']} with")
+    assert warm["prefill_tokens"] <= cold["prefill_tokens"] - 2 * 96  # two prompts reuse 6 pages of 16
+
+
+def test_many_chunk_prompt_matches_unchunked():
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(2, 500, (4096,), generator=g).tolist()
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=True, ignore_eos=True)
+    chunked = LLM(model="tiny", num_pages=80, page_size=64, max_seq_len=8192, chunk_size=256)
+    a = chunked.generate([prompt], params)[0]
+    assert chunked.engine.stats["steps"] >= 16 + 3  # 16 prefill chunks, then decodes
+    whole = LLM(model="tiny", num_pages=80, page_size=64, max_seq_len=8192, disable_chunked_prefill=True,
+                max_prefill_tokens=8192)
+    b = whole.generate([prompt], params)[0]
+    assert a.token_ids == b.token_ids
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4

@@ -16,7 +16,7 @@ import random
 import statistics
 import time
 
-from nmoe.serve.scheduler import Batch, Scheduler, SchedulerConfig, Sequence, SeqStatus
+from nmoe.serve.scheduler import Batch, Scheduler, SchedulerConfig, SeqStatus, Sequence
 
 VOCAB = 129280
 PAGE = 64

@@ -285,6 +285,27 @@ def test_n_and_echo(client):
     assert len(r.choices[0].logprobs.content[0].top_logprobs) == 2
 
 
+def test_prompt_logprobs_by_echo(client, http, offline):
+    """OpenAI's convention: echo + logprobs + max_tokens 0 scores the prompt (teacher forcing)."""
+    prompt = FIXED_PROMPTS[0][0] + " Paris."
+    ids = offline.tokenizer.encode(prompt)
+    want = offline.score(ids[:1], ids[1:])
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt
+    assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(want.logprobs, abs=1e-4)
+    assert len(lp.tokens) == len(ids) and all(len(row) == 2 for row in lp.top_logprobs[1:])
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    bad = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1})
+    assert bad.status_code == 400 and "max_tokens 0" in bad.json()["error"]["message"]
+    # processed scoring of a token that top-k excludes: -inf, sent as -9999 (JSON has no infinity)
+    out = http.post("/generate", json={"input_ids": ids[:3], "forced_output_ids": [ids[3], 7], "logprobs": True,
+                                       "top_k": 1, "profile": "rl_sample", "seed": 1})
+    assert out.status_code == 200, out.text
+    body = out.json()
+    assert body["logprobs_mode"] == "processed" and body["logprobs"][-1] == -9999.0
+
+
 def test_queue_full_answers_429(offline):
     """A bounded queue (here 1 pending request, with no loop draining it) answers 429 + Retry-After."""
     from nmoe.serve.api import build_app

@@ -8,8 +8,8 @@ import torch
 
 from nmoe.serve import ep, shards
 from nmoe.serve.ckpt import TINY_DIR, CheckpointError, load_config, load_weights
-from nmoe.serve.dist import init_dist
-from nmoe.serve.engine import Engine, RankInfo
+from nmoe.serve.dist import RankInfo, init_dist
+from nmoe.serve.engine import Engine
 from nmoe.serve.ep import testing
 from nmoe.serve.model import Experts
 from nmoe.serve.orchestrator import CollectOutputs, Orchestrator, RankFailure, parse_fault

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from nmoe.serve.control_plane import ControlPlane
-    from nmoe.serve.dist import init_dist, shutdown
-    from nmoe.serve.engine import Engine, RankInfo
+    from nmoe.serve.dist import RankInfo, init_dist, shutdown
+    from nmoe.serve.engine import Engine
     from nmoe.serve.orchestrator import Orchestrator
 
     ctx = init_dist(cfg.device)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nmoe.serve.control_plane import INVALID, ControlPlane, QueueFull, Update
-from nmoe.serve.request import SamplingParams
+from nmoe.serve.request import OutputMode, SamplingParams
 
 log = logging.getLogger("nmoe.api")
 
@@ -326,8 +326,28 @@ def _owner_error(c: Choice) -> ApiError:
     return ApiError(500, c.error or "the request failed", type="server_error", code="request_failed")
 
 
+# A logprob of -inf (a token the sampling transforms exclude, under logprobs_mode "processed") is
+# not JSON; it is sent as OpenAI's "essentially impossible" value.
+IMPOSSIBLE_LOGPROB = -9999.0
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return IMPOSSIBLE_LOGPROB if obj < 0 or obj != obj else -IMPOSSIBLE_LOGPROB
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+class SafeJSONResponse(JSONResponse):
+    def render(self, content) -> bytes:
+        return super().render(_json_safe(content))
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+    return f"data: {json.dumps(_json_safe(obj), separators=(',', ':'))}\n\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,7 +366,6 @@ class Server:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.ready = False
-        self.teacher_forcing = "forced_output_ids" in inspect.signature(engine.add_request).parameters
 
     # --- validation helpers ---------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -387,10 +406,7 @@ class Server:
             raise bad("the prompt is empty: at least one token is required", param)
         self.check_ids(prompt_ids, param)
         try:
-            if forced_output_ids is None:
-                self.engine.validate(prompt_ids, params)
-            else:
-                self.engine.validate(prompt_ids, params, forced_output_ids)
+            self.engine.validate(prompt_ids, params, forced_output_ids)
         except ValueError as e:
             raise bad(str(e), param) from None
 
@@ -444,9 +460,9 @@ class Server:
             raise bad("suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise bad("best_of is not supported (it must equal n)", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise bad("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
         prompts = self.completion_prompts(req.prompt)
+        if req.echo and req.logprobs is not None:
+            return await self.prompt_logprobs(req, prompts, http)
         kw = self.sampling_kwargs(req, 16 if req.max_tokens is None else req.max_tokens)
         if req.logprobs is not None:
             kw["logprobs"] = req.logprobs
@@ -465,7 +481,32 @@ class Server:
              if req.logprobs is not None else None}
             for i, c in enumerate(choices)
         ], usage=self.usage(choices, req.n))
-        return JSONResponse(body)
+        return SafeJSONResponse(body)
+
+    async def prompt_logprobs(self, req: CompletionRequest, prompts: list[list[int]], http: Request):
+        """OpenAI's prompt-logprobs convention (`echo: true, logprobs: k, max_tokens: 0`): each prompt
+        token after the first is teacher-forced and scored; the first has no logprob (None)."""
+        if req.max_tokens not in (0, None) or req.stream or req.n != 1:
+            raise bad("echo with logprobs scores the prompt: it needs max_tokens 0, n 1 and no streaming", "echo")
+        kw = dict(self.sampling_kwargs(req, 0), logprobs=req.logprobs or True)
+        choices = []
+        for ids in prompts:
+            params = self.params(**kw)
+            self.validate(ids[:1], params, forced_output_ids=ids[1:])
+            choices.append(Choice(ids[:1], params, forced_output_ids=ids[1:], prefix=self.tokenizer.decode(ids)))
+        job = self.start(choices)
+        await job.run_to_end(http)
+        out = []
+        for i, (ids, c) in enumerate(zip(prompts, choices)):
+            lp = self.completion_logprobs(ids, [None] + list(c.logprobs), [None] + list(c.top_logprobs), 0)
+            if not req.logprobs:
+                lp["top_logprobs"] = None
+            out.append({"index": i, "text": c.prefix, "finish_reason": "length", "logprobs": lp})
+        prompt_tokens = sum(map(len, prompts))
+        return SafeJSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                             "model": self.model_name, "choices": out,
+                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                       "total_tokens": prompt_tokens}})
 
     def completion_prompts(self, prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -495,7 +536,8 @@ class Server:
         return {
             "tokens": tokens,
             "token_logprobs": list(logprobs) if logprobs else [None] * len(ids),
-            "top_logprobs": [{self.token_str(t): lp for t, lp in row} for row in top] if top else None,
+            "top_logprobs": [None if row is None else {self.token_str(t): lp for t, lp in row} for row in top]
+            if top else None,
             "text_offset": offsets,
         }
 
@@ -546,7 +588,7 @@ class Server:
              "finish_reason": c.finish_reason}
             for i, c in enumerate(choices)
         ], usage=self.usage(choices, req.n))
-        return JSONResponse(body)
+        return SafeJSONResponse(body)
 
     def chat_logprobs(self, ids, logprobs, top) -> dict:
         def entry(t, lp):
@@ -628,8 +670,6 @@ class Server:
         if req.profile is not None:
             kw.update(self.profile(req.profile))
         if req.forced_output_ids is not None:
-            if not self.teacher_forcing:
-                raise bad("forced_output_ids: teacher forcing is not available in this engine", "forced_output_ids")
             self.check_ids(req.forced_output_ids, "forced_output_ids")
         params = self.params(**kw)
         self.validate(req.input_ids, params, "input_ids", req.forced_output_ids)
@@ -638,7 +678,8 @@ class Server:
         if req.stream:
             def chunk(i, u: Update) -> dict:
                 out = {"output_ids": u.token_ids, "logprobs": u.logprobs or None,
-                       "top_logprobs": u.top_logprobs or None, "text": u.text, "finish_reason": u.finish_reason}
+                       "top_logprobs": u.top_logprobs or None, "text": u.text, "finish_reason": u.finish_reason,
+                       "logprobs_mode": params.logprobs_mode if params.mode is not OutputMode.TOKENS else None}
                 if u.logits is not None:
                     out["logits"] = u.logits.tolist()
                 if u.finish_reason is not None:
@@ -648,16 +689,15 @@ class Server:
             return await self.stream(job, chunk, {}, None, 1)
         await job.run_to_end(http)
         body = {"output_ids": c.token_ids, "logprobs": c.logprobs or None, "top_logprobs": c.top_logprobs or None,
-                "finish_reason": c.finish_reason, "text": c.text, "usage": self.usage(job.choices, 1)}
+                "finish_reason": c.finish_reason, "text": c.text, "usage": self.usage(job.choices, 1),
+                "logprobs_mode": params.logprobs_mode if params.mode is not OutputMode.TOKENS else None}
         if c.logits:
             body["logits"] = c.logits
-        return JSONResponse(body)
+        return SafeJSONResponse(body)
 
     def profile(self, name: str) -> dict:
-        try:
-            from nmoe.serve.profiles import resolve_profile
-        except ImportError:
-            raise bad(f"profile {name!r}: profiles are not available in this build", "profile") from None
+        from nmoe.serve.profiles import resolve_profile
+
         try:
             return resolve_profile(name)
         except (ValueError, KeyError) as e:

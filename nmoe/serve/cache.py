@@ -92,7 +92,9 @@ class PageAllocator:
         assert len(free) == len(self._free), f"free list holds duplicates: {sorted(self._free)}"
         for p, c in enumerate(self._ref):
             assert c >= 0, f"page {p} has a negative reference count {c}"
-            assert (c == 0) == (p in free), f"page {p}: reference count {c} but free-list membership {p in free}"
+            assert (c == 0) == (p in free), (
+                f"page {p}: reference count {c} but free-list membership {p in free}"
+            )
         used = sum(1 for c in self._ref if c > 0)
         assert len(free) + used == self.num_total, f"free {len(free)} + used {used} != total {self.num_total}"
 
@@ -218,7 +220,9 @@ class RadixCache:
         self._maybe_push(node)
         return added
 
-    def extend(self, handle: PrefixHandle, tokens: Sequence[int], pages: Sequence[int], num_pages: int) -> int:
+    def extend(
+        self, handle: PrefixHandle, tokens: Sequence[int], pages: Sequence[int], num_pages: int
+    ) -> int:
         """Continue `handle`'s path to `num_pages` pages: page i (handle.num_pages <= i < num_pages) holds
         tokens[i*page_size : (i+1)*page_size] in pages[i]. tokens[:handle.num_pages*page_size] must be the
         path the handle already locks; `tokens` and `pages` may be longer than what is read. The handle
@@ -303,7 +307,9 @@ class RadixCache:
         for node in self._nodes():
             count += 1
             assert len(node.key) == ps, f"page {node.page}: key of {len(node.key)} tokens, page_size {ps}"
-            assert node in node.parent.children.get(node.hash, ()), f"page {node.page}: not in its parent's bucket"
+            assert node in node.parent.children.get(node.hash, ()), (
+                f"page {node.page}: not in its parent's bucket"
+            )
             assert node.page not in seen, f"page {node.page} is stored in two tree nodes"
             seen.add(node.page)
             assert alloc.refcount(node.page) >= 1, f"page {node.page} is in the tree but free"
@@ -367,7 +373,9 @@ class RadixCache:
             return
         if len(self._heap) > 2 * self._num_nodes + 64:
             order = self._order
-            self._heap = [(n.last_access, next(order), n) for n in self._nodes() if not n.lock and not n.children]
+            self._heap = [
+                (n.last_access, next(order), n) for n in self._nodes() if not n.lock and not n.children
+            ]
             heapq.heapify(self._heap)
             return  # the rebuild queued `node` too
         heapq.heappush(self._heap, (node.last_access, next(self._order), node))

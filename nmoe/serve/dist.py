@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nmoe.serve.env import ENV
+
 
 @dataclass
 class DistContext:
@@ -33,12 +35,7 @@ class DistContext:
 
 
 def _timeout() -> datetime.timedelta:
-    v = os.environ.get("NMOE_DIST_TIMEOUT_S", "")
-    try:
-        seconds = float(v) if v else 600.0
-    except ValueError as e:
-        raise ValueError(f"NMOE_DIST_TIMEOUT_S={v!r} is not a number") from e
-    return datetime.timedelta(seconds=seconds)
+    return datetime.timedelta(seconds=ENV.dist_timeout_s)
 
 
 def init_dist(device: str = "cpu") -> DistContext:
@@ -68,3 +65,22 @@ def init_dist(device: str = "cpu") -> DistContext:
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@dataclass
+class RankInfo:
+    """Where this engine sits in an EP deployment (world_size 1: everything local)."""
+
+    rank: int = 0
+    world_size: int = 1
+    placement: str = "contiguous"
+
+    def local_experts(self, n_experts: int) -> list[int]:
+        if n_experts % self.world_size:
+            raise ValueError(f"world_size {self.world_size} does not divide n_routed_experts {n_experts}")
+        per = n_experts // self.world_size
+        if self.placement == "contiguous":
+            return list(range(self.rank * per, (self.rank + 1) * per))
+        if self.placement == "striped":
+            return list(range(self.rank, n_experts, self.world_size))
+        raise ValueError(f"unknown expert placement {self.placement!r} (contiguous, striped)")

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
 
 import torch
 
+from nmoe.serve import shards
 from nmoe.serve.ckpt import load_config, load_weights, resolve_model_path
 from nmoe.serve.config import ModelConfig, ServeConfig
+from nmoe.serve.dist import RankInfo
 from nmoe.serve.model import AttnBatch, DeepseekV3
 from nmoe.serve.ops.sampling import sample, score_tokens
 from nmoe.serve.request import OutputMode, Request, RequestOutput, SamplingParams
@@ -20,25 +21,6 @@ from nmoe.serve.scheduler import Batch, Scheduler, SchedulerConfig, Sequence
 from nmoe.serve.tokenizer import Tokenizer
 
 log = logging.getLogger("nmoe")
-
-
-@dataclass
-class RankInfo:
-    """Where this engine sits in an EP deployment (world_size 1: everything local)."""
-
-    rank: int = 0
-    world_size: int = 1
-    placement: str = "contiguous"
-
-    def local_experts(self, n_experts: int) -> list[int]:
-        if n_experts % self.world_size:
-            raise ValueError(f"world_size {self.world_size} does not divide n_routed_experts {n_experts}")
-        per = n_experts // self.world_size
-        if self.placement == "contiguous":
-            return list(range(self.rank * per, (self.rank + 1) * per))
-        if self.placement == "striped":
-            return list(range(self.rank, n_experts, self.world_size))
-        raise ValueError(f"unknown expert placement {self.placement!r} (contiguous, striped)")
 
 
 class Engine:
@@ -52,7 +34,9 @@ class Engine:
         self.tokenizer = Tokenizer(self.model_dir)
         experts = self.rank.local_experts(self.model_cfg.n_routed_experts)
         self.model = DeepseekV3(self.model_cfg, experts)
-        if weights is None:
+        if weights is None and shards.is_shard_dir(self.model_dir):  # EP shards: this rank's file only
+            weights = shards.load_rank_weights(self.model_dir, self.model_cfg, self.rank, progress=self.rank.rank == 0)
+        elif weights is None:  # the HF layout: this rank reads only the tensors it needs
             weights = load_weights(self.model_dir, self.model_cfg, experts=experts, progress=self.rank.rank == 0)
         self.model.load_hf(weights)
         self.model.to(self.device).eval().requires_grad_(False)

@@ -42,6 +42,9 @@ class Env:
     tf_logprob_tol: float  # NMOE_TF_LOGPROB_TOL
     rl_logprob_tol: float  # NMOE_RL_LOGPROB_TOL
     test_timeout_s: float  # NMOE_TEST_TIMEOUT_S: wall-clock guard of the torchrun modules
+    dist_timeout_s: float  # NMOE_DIST_TIMEOUT_S: gloo/NCCL collective timeout (a dead peer's backstop)
+    ep_placement: str  # NMOE_EP_PLACEMENT: contiguous | striped (the torchrun modules' engines)
+    device: str  # NMOE_DEVICE: the torchrun modules' device ("" = cuda when available, else cpu)
     api_key: str  # NMOE_API_KEY
     cache_dir: str  # NMOE_CACHE_DIR
 
@@ -57,6 +60,9 @@ class Env:
             tf_logprob_tol=_float("NMOE_TF_LOGPROB_TOL", 0.25),
             rl_logprob_tol=_float("NMOE_RL_LOGPROB_TOL", 0.2),
             test_timeout_s=_float("NMOE_TEST_TIMEOUT_S", 300.0),
+            dist_timeout_s=_float("NMOE_DIST_TIMEOUT_S", 600.0),
+            ep_placement=_str("NMOE_EP_PLACEMENT", "contiguous"),
+            device=_str("NMOE_DEVICE", ""),
             api_key=_str("NMOE_API_KEY", ""),
             cache_dir=_str("NMOE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "nmoe")),
         )

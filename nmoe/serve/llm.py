@@ -7,7 +7,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from nmoe.serve.config import ServeConfig
-from nmoe.serve.engine import Engine, RankInfo
+from nmoe.serve.dist import RankInfo
+from nmoe.serve.engine import Engine
 from nmoe.serve.request import RequestOutput, SamplingParams
 
 

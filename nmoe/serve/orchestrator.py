@@ -165,8 +165,8 @@ class Orchestrator:
         try:
             if self._has_work:
                 touched = self.engine.step()
-            elif hasattr(self.engine, "forward_idle"):
-                self.engine.forward_idle()  # else the drain below enters the MoE calls alone
+            else:
+                self.engine.forward_idle()
         except Exception as e:
             self._record(e)
         finally:

@@ -1,11 +1,13 @@
 """Scheduler: admission, chunked prefill, mixed batches, lazy page allocation, preemption.
 
-The engine's loop is `batch = schedule()`, forward, `complete(batch)`, then for every item that
-`reaches_end` append the sampled token to `seq.token_ids` or `finish(seq)`. Pure Python.
+The engine's loop is `batch = schedule()`, forward, `complete(batch)` (`abort(batch)` if the forward
+failed); for every item that `reaches_end` it appends the sampled token to `seq.token_ids` or calls
+`finish(seq)`, before or after `complete`. Pure Python; per-step cost is O(batch).
 
-Policy, per step:
+Policy, per step (a mixed step: decodes and prefill chunks in one batch, decodes first):
 1. Decode: every RUNNING sequence whose tokens are all computed except the last gets that token.
-   At most `max_batch_size` sequences are RUNNING, so every decode fits.
+   At most `max_batch_size` sequences are RUNNING, so every decode fits. (With
+   `enable_mixed_steps=False` a step is prefill only when any prefill can run, else decode only.)
 2. Prefill, under `max_prefill_tokens` tokens per step (decode tokens are not counted): RUNNING
    sequences still mid-prefill first (oldest first), then WAITING ones in queue order (strict FCFS:
    the head blocks the rest). A sequence gets at most one chunk per step, of at most `chunk_size`
@@ -48,9 +50,17 @@ class SchedulerConfig:
     enable_prefix_cache: bool = True
     enable_chunked_prefill: bool = True
     debug_invariants: bool = False
+    enable_mixed_steps: bool = True  # False: a step is all prefill (when there is any) or all decode
 
     def __post_init__(self) -> None:
-        for name in ("num_pages", "page_size", "max_seq_len", "max_batch_size", "max_prefill_tokens", "chunk_size"):
+        for name in (
+            "num_pages",
+            "page_size",
+            "max_seq_len",
+            "max_batch_size",
+            "max_prefill_tokens",
+            "chunk_size",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"SchedulerConfig: field '{name}' must be a positive integer, got {v!r}")
@@ -170,6 +180,7 @@ class Scheduler:
         self._inflight: Batch | None = None
         self._preempted: list[Sequence] = []  # not yet reported in a batch
         self._deferred: list[Sequence] = []  # finished while in the outstanding batch; still hold pages
+        self._inflight_seqs: set[int] | None = None  # ids of the outstanding batch's sequences, lazily
 
     # --- queries ------------------------------------------------------------------------------------
     @property
@@ -221,26 +232,13 @@ class Scheduler:
         if self._inflight is not None:
             raise RuntimeError("schedule: the previous batch has not been completed")
         step = _Step(self.cfg.max_prefill_tokens)
-        ps, decodes, prefilling = self.cfg.page_size, step.decodes, []
-        running = SeqStatus.RUNNING
-        for seq in list(self._running):
-            if seq.status is not running:
-                continue  # preempted earlier in this loop
-            n, done = len(seq.token_ids), seq.num_computed
-            if n - done == 1:
-                if done < len(seq.pages) * ps or self._reserve(seq, n, step):
-                    decodes.append(ScheduledSeq(seq, done, 1, n))
-            elif n - done > 1:
-                prefilling.append(seq)
-        prefilling.sort(key=_arrival)
-        for seq in prefilling:
-            if step.budget <= 0:
-                break
-            if seq.status is SeqStatus.RUNNING:
-                self._schedule_chunk(seq, step)
-        while self._waiting and step.budget > 0 and len(self._running) < self.cfg.max_batch_size:
-            if self._waiting[0] in step.preempted or not self._admit(step):
-                break
+        if self.cfg.enable_mixed_steps:
+            self._schedule_decodes(step)
+            self._schedule_prefills(step)
+        else:  # prefill first; decode when there is no prefill to run
+            self._schedule_prefills(step)
+            if not step.prefills and not step.decodes:
+                self._schedule_decodes(step)
         items = step.decodes + step.prefills
         if not items:
             return None  # anything preempted is reported with the next batch
@@ -257,12 +255,14 @@ class Scheduler:
         returned only now."""
         if batch is not self._inflight:
             raise RuntimeError("complete: not the batch last returned by schedule")
-        self._inflight = None
+        self._inflight, self._inflight_seqs = None, None
         ps, cache = self.cfg.page_size, self.prefix_cache
         for it in batch.items:
             seq = it.seq
             if seq.num_computed != it.start:
-                raise RuntimeError(f"complete: rid={seq.rid} computed {seq.num_computed} tokens, item starts at {it.start}")
+                raise RuntimeError(
+                    f"complete: rid={seq.rid} computed {seq.num_computed} tokens, item starts at {it.start}"
+                )
             seq.num_computed = it.start + it.num_tokens
             if cache.enabled and seq.num_computed // ps > seq.prefix_handle.num_pages:
                 cache.extend(seq.prefix_handle, seq.token_ids, seq.pages, seq.num_computed // ps)
@@ -276,7 +276,7 @@ class Scheduler:
         released without caching anything."""
         if batch is not self._inflight:
             raise RuntimeError("abort: not the batch last returned by schedule")
-        self._inflight = None
+        self._inflight, self._inflight_seqs = None, None
         self._release_deferred()
         if self.cfg.debug_invariants:
             self.check_invariants()
@@ -293,7 +293,7 @@ class Scheduler:
             if seq not in self._running:
                 raise ValueError(f"finish: rid={seq.rid} is not running in this scheduler")
             del self._running[seq]
-            if self._inflight is not None and any(it.seq is seq for it in self._inflight.items):
+            if self._in_flight(seq):
                 self._deferred.append(seq)
             else:
                 self._release(seq)
@@ -307,6 +307,28 @@ class Scheduler:
             self.check_invariants()
 
     # --- policy helpers -----------------------------------------------------------------------------
+    def _schedule_decodes(self, step: _Step) -> None:
+        ps, decodes, running = self.cfg.page_size, step.decodes, SeqStatus.RUNNING
+        for seq in list(self._running):
+            if seq.status is not running:
+                continue  # preempted earlier in this loop
+            n, done = len(seq.token_ids), seq.num_computed
+            if n - done == 1 and (done < len(seq.pages) * ps or self._reserve(seq, n, step)):
+                decodes.append(ScheduledSeq(seq, done, 1, n))
+
+    def _schedule_prefills(self, step: _Step) -> None:
+        """Chunks for RUNNING sequences mid-prefill (oldest first), then admissions from the queue."""
+        prefilling = [s for s in self._running if len(s.token_ids) - s.num_computed > 1]
+        prefilling.sort(key=_arrival)
+        for seq in prefilling:
+            if step.budget <= 0:
+                break
+            if seq.status is SeqStatus.RUNNING:
+                self._schedule_chunk(seq, step)
+        while self._waiting and step.budget > 0 and len(self._running) < self.cfg.max_batch_size:
+            if self._waiting[0] in step.preempted or not self._admit(step):
+                break
+
     def _chunk_len(self, start: int, length: int, budget: int) -> int:
         left = length - start
         cfg = self.cfg
@@ -385,6 +407,13 @@ class Scheduler:
         self._preempted.append(seq)
         step.preempted.add(seq)
 
+    def _in_flight(self, seq: Sequence) -> bool:
+        if self._inflight is None:
+            return False
+        if self._inflight_seqs is None:  # built on the first finish of a step, not on every step
+            self._inflight_seqs = {id(it.seq) for it in self._inflight.items}
+        return id(seq) in self._inflight_seqs
+
     def _release_deferred(self) -> None:
         for seq in self._deferred:
             self._release(seq)
@@ -408,41 +437,57 @@ class Scheduler:
         deferred = self._deferred
         assert not deferred or self._inflight is not None, "finished sequences held with no batch outstanding"
         cache.check_invariants([s.prefix_handle for s in running + deferred if s.prefix_handle is not None])
-        assert len(running) <= cfg.max_batch_size, f"{len(running)} running > max_batch_size={cfg.max_batch_size}"
+        assert len(running) <= cfg.max_batch_size, (
+            f"{len(running)} running > max_batch_size={cfg.max_batch_size}"
+        )
         assert len(set(self._waiting)) == len(self._waiting), "a sequence is queued twice"
         holders = [0] * alloc.num_total
         for s in running:
             where = f"running rid={s.rid}"
             assert s.status is SeqStatus.RUNNING, f"{where}: status {s.status.name}"
             assert s not in self._waiting, f"{where}: also waiting"
-            assert 0 <= s.num_computed <= len(s.token_ids), f"{where}: computed {s.num_computed} of {len(s.token_ids)}"
+            assert 0 <= s.num_computed <= len(s.token_ids), (
+                f"{where}: computed {s.num_computed} of {len(s.token_ids)}"
+            )
             lo, hi = -(-s.num_computed // ps), -(-len(s.token_ids) // ps)
-            assert lo <= len(s.pages) <= hi, f"{where}: {len(s.pages)} pages, {s.num_computed}/{len(s.token_ids)} tokens"
+            assert lo <= len(s.pages) <= hi, (
+                f"{where}: {len(s.pages)} pages, {s.num_computed}/{len(s.token_ids)} tokens"
+            )
             assert len(set(s.pages)) == len(s.pages), f"{where}: a page twice in its block table {s.pages}"
             for i in range(s.num_computed // ps, len(s.pages)):
                 p = s.pages[i]
                 assert alloc.refcount(p) == 1, f"{where}: page {p} (index {i}) will be written but is shared"
             h = s.prefix_handle
             assert h is not None and h.active, f"{where}: no live prefix handle"
-            assert h.num_pages * ps <= s.num_computed, f"{where}: handle covers {h.num_pages} pages, computed {s.num_computed}"
+            assert h.num_pages * ps <= s.num_computed, (
+                f"{where}: handle covers {h.num_pages} pages, computed {s.num_computed}"
+            )
             if cache.enabled:
-                assert h.num_pages == s.num_computed // ps, f"{where}: handle covers {h.num_pages} pages, {s.num_computed // ps} full"
+                assert h.num_pages == s.num_computed // ps, (
+                    f"{where}: handle covers {h.num_pages} pages, {s.num_computed // ps} full"
+                )
                 got = cache.path_tokens(h)
                 assert got == s.token_ids[: len(got)], f"{where}: its tree path is another prefix"
             for p in s.pages:
                 holders[p] += 1
         for s in deferred:
-            assert s.status is SeqStatus.FINISHED and s not in self._running, f"deferred rid={s.rid}: {s.status.name}"
+            assert s.status is SeqStatus.FINISHED and s not in self._running, (
+                f"deferred rid={s.rid}: {s.status.name}"
+            )
             for p in s.pages:
                 holders[p] += 1
         for s in self._waiting:
             where = f"waiting rid={s.rid}"
             assert s.status is SeqStatus.WAITING, f"{where}: status {s.status.name}"
-            assert not s.pages and s.prefix_handle is None and s.num_computed == 0, f"{where}: holds pages or KV"
+            assert not s.pages and s.prefix_handle is None and s.num_computed == 0, (
+                f"{where}: holds pages or KV"
+            )
         for p in cache.cached_pages():
             holders[p] += 1
         for p, n in enumerate(holders):
-            assert alloc.refcount(p) == n, f"page {p}: refcount {alloc.refcount(p)}, but {n} holders (sequences + tree)"
+            assert alloc.refcount(p) == n, (
+                f"page {p}: refcount {alloc.refcount(p)}, but {n} holders (sequences + tree)"
+            )
 
 
 def _arrival(seq: Sequence) -> int:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nmoe.serve.ckpt import CheckpointError, HFCheckpoint, copy_tokenizer, load_config, model_specs
-from nmoe.serve.engine import RankInfo
+from nmoe.serve.dist import RankInfo
 
 MANIFEST = "manifest.json"
 FORMAT = "nmoe-ep-shards"

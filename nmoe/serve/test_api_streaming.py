@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from nmoe.serve.config import ServeConfig
 from nmoe.serve.control_plane import ControlPlane
-from nmoe.serve.dist import init_dist, shutdown
-from nmoe.serve.engine import Engine, RankInfo
+from nmoe.serve.dist import RankInfo, init_dist, shutdown
+from nmoe.serve.engine import Engine
 from nmoe.serve.env import ENV
 from nmoe.serve.orchestrator import Orchestrator
 from nmoe.serve.tiny_prompts import FIXED_PROMPTS

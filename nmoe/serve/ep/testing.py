@@ -24,7 +24,7 @@ from nmoe.serve.env import ENV
 
 def main(scenario, name: str) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ctx = init_dist(os.environ.get("NMOE_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = init_dist(ENV.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # A deadlock must fail: dump every thread's stack and exit 1 after the guard's time.
     faulthandler.dump_traceback_later(ENV.test_timeout_s, exit=True)
     start = time.time()
@@ -45,7 +45,7 @@ def main(scenario, name: str) -> None:
 
 def placement() -> str:
     """NMOE_EP_PLACEMENT: contiguous (default) | striped, for the modules' engines and layers."""
-    return os.environ.get("NMOE_EP_PLACEMENT", "") or "contiguous"
+    return ENV.ep_placement
 
 
 def small_serve_kwargs(**overrides) -> dict:
@@ -58,18 +58,12 @@ def small_serve_kwargs(**overrides) -> dict:
 
 def build_engine(ctx: DistContext, **overrides):
     """This rank's engine (its experts only) for NMOE_MODEL_PATH; the orchestrator attaches the transport."""
-    from nmoe.serve import shards
-    from nmoe.serve.ckpt import load_config, resolve_model_path
     from nmoe.serve.config import ServeConfig
-    from nmoe.serve.engine import Engine, RankInfo
+    from nmoe.serve.dist import RankInfo
+    from nmoe.serve.engine import Engine
 
     cfg = ServeConfig(**small_serve_kwargs(device=str(ctx.device), **overrides))
-    info = RankInfo(ctx.rank, ctx.world_size, placement())
-    path = resolve_model_path(cfg.ckpt)
-    weights = None
-    if shards.is_shard_dir(path):  # EP shards: this rank's file only
-        weights = shards.load_rank_weights(path, load_config(path), info, progress=False)
-    return Engine(cfg, rank=info, weights=weights)
+    return Engine(cfg, rank=RankInfo(ctx.rank, ctx.world_size, placement()))
 
 
 def reference_model_path(engine) -> str:

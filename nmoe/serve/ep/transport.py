@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nmoe.serve.engine import RankInfo
+from nmoe.serve.dist import RankInfo
 
 LOW_LATENCY_MODES = ("0", "1", "auto")
 

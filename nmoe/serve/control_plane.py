@@ -23,6 +23,8 @@ pages, then the fewest requests assigned so far (an idle cluster takes turns), t
 
 from __future__ import annotations
 
+import faulthandler
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -335,3 +337,35 @@ def _stack(rows):
     if isinstance(rows, torch.Tensor):
         return rows.clone()
     return torch.stack(list(rows))
+
+
+def run_with_driver(ctx, orch, cp: ControlPlane, drive) -> int:
+    """Every rank runs `orch`; rank 0 also runs `drive()` (a client scenario) in a thread and then asks
+    all ranks to shut down. The ranks leave together (a rank tearing gloo down under a peer aborts
+    it). Returns the exit code: 1 with the failure printed when `drive` raised, else 0."""
+    from nmoe.serve.dist import shutdown
+
+    failure: list[BaseException] = []
+    if ctx.rank == 0:
+        def guarded():
+            try:
+                drive()
+            except BaseException as e:
+                failure.append(e)
+            finally:
+                cp.request_shutdown()
+
+        client = threading.Thread(target=guarded, name="client", daemon=True)
+        client.start()
+        orch.run()
+        client.join()
+    else:
+        orch.run()
+    if ctx.distributed:
+        dist.barrier(group=ctx.cpu_group)
+    faulthandler.cancel_dump_traceback_later()
+    shutdown(ctx)
+    if failure:
+        print(f"rank 0: FAILED: {failure[0]!r}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -17,11 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.distributed as dist
 
 from nmoe.serve.config import ServeConfig
-from nmoe.serve.control_plane import ControlPlane
-from nmoe.serve.dist import RankInfo, init_dist, shutdown
+from nmoe.serve.control_plane import ControlPlane, run_with_driver
+from nmoe.serve.dist import RankInfo, init_dist
 from nmoe.serve.engine import Engine
 from nmoe.serve.env import ENV
 from nmoe.serve.orchestrator import Orchestrator
@@ -114,40 +113,22 @@ def main() -> int:
     engine = Engine(ServeConfig(ckpt=ENV.model_path, max_seq_len=512), rank=RankInfo(ctx.rank, ctx.world_size))
     cp = ControlPlane(ctx.rank, ctx.world_size, ctx.cpu_group)
     orch = Orchestrator(engine, ctx, hooks=cp)
-    failure: list[BaseException] = []
+    app = None
     if ctx.rank == 0:
         from nmoe.serve.api import build_app
 
         app = build_app(engine, cp, "tiny")
 
-        def drive():
-            try:
-                server, thread, url = start_http(app)
-                app.state.server.ready = True
-                try:
-                    client_checks(url, ctx.world_size)
-                finally:
-                    server.should_exit = True
-                    thread.join(30)
-            except BaseException as e:
-                failure.append(e)
-            finally:
-                cp.request_shutdown()
+    def drive():
+        server, thread, url = start_http(app)
+        app.state.server.ready = True
+        try:
+            client_checks(url, ctx.world_size)
+        finally:
+            server.should_exit = True
+            thread.join(30)
 
-        client = threading.Thread(target=drive, name="client", daemon=True)
-        client.start()
-        orch.run()
-        client.join()
-    else:
-        orch.run()
-    if ctx.distributed:
-        dist.barrier(group=ctx.cpu_group)
-    faulthandler.cancel_dump_traceback_later()
-    shutdown(ctx)
-    if failure:
-        print(f"rank 0: FAILED: {failure[0]!r}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return run_with_driver(ctx, orch, cp, drive)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ import threading
 import time
 
 import torch
-import torch.distributed as dist
 
 from nmoe.serve.config import ServeConfig
-from nmoe.serve.control_plane import INTERNAL, INVALID, ControlPlane, Update
-from nmoe.serve.dist import RankInfo, init_dist, shutdown
+from nmoe.serve.control_plane import INTERNAL, INVALID, ControlPlane, Update, run_with_driver
+from nmoe.serve.dist import RankInfo, init_dist
 from nmoe.serve.engine import Engine
 from nmoe.serve.env import ENV
 from nmoe.serve.orchestrator import Orchestrator
@@ -162,30 +161,7 @@ def main() -> int:
     engine = Engine(cfg, rank=RankInfo(ctx.rank, ctx.world_size))
     cp = FaultOnOwner(ctx.rank, ctx.world_size, ctx.cpu_group)
     orch = Orchestrator(engine, ctx, hooks=cp)
-    failure: list[BaseException] = []
-    if ctx.rank == 0:
-        def drive():
-            try:
-                scenario(cp, engine.tokenizer, ctx.world_size, timeout)
-            except BaseException as e:
-                failure.append(e)
-            finally:
-                cp.request_shutdown()
-
-        client = threading.Thread(target=drive, daemon=True)
-        client.start()
-        orch.run()
-        client.join()
-    else:
-        orch.run()
-    if ctx.distributed:  # leave together: a rank tearing gloo down under a peer aborts it
-        dist.barrier(group=ctx.cpu_group)
-    faulthandler.cancel_dump_traceback_later()
-    shutdown(ctx)
-    if failure:
-        print(f"rank 0: FAILED: {failure[0]!r}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return run_with_driver(ctx, orch, cp, lambda: scenario(cp, engine.tokenizer, ctx.world_size, timeout))
 
 
 if __name__ == "__main__":

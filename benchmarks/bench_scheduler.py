@@ -67,7 +67,14 @@ def bench_decode(steps: int, prefix: bool) -> tuple[list[float], list[float], li
     rng = random.Random(0)
     n, ctx = 256, 2000
     pages = n * -(-(ctx + steps + 8) // PAGE) + 64
-    cfg = SchedulerConfig(num_pages=pages, page_size=PAGE, max_batch_size=n, enable_prefix_cache=prefix)
+    # a budget that prefills everyone in the first (untimed) step, so all contexts grow together
+    cfg = SchedulerConfig(
+        num_pages=pages,
+        page_size=PAGE,
+        max_batch_size=n,
+        max_prefill_tokens=n * ctx,
+        enable_prefix_cache=prefix,
+    )
     sched = Scheduler(cfg)
     warm_decoders(sched, rng, n, ctx, steps + 8)
     cost, wall, helpers = [], [], []

@@ -181,6 +181,19 @@ def test_extend_moves_the_lock():
         c.extend(m.handle, t, pages, 3)
 
 
+def test_extend_adopts_stored_pages():
+    a, c = make()
+    stored = insert_owned(a, c, toks(1, 2))
+    m = c.match([])
+    mine = held(a, 3)
+    table = list(mine)
+    assert c.extend(m.handle, toks(1, 2, 3), table, 3) == 1
+    assert table == stored + [mine[2]]  # the duplicates were swapped for the stored pages...
+    assert [a.refcount(p) for p in mine] == [0, 0, 2]  # ...and freed
+    assert [a.refcount(p) for p in stored] == [2, 2] and c.path_pages(m.handle) == table
+    c.check_invariants([m.handle])
+
+
 def test_hash_collision_never_returns_wrong_pages(monkeypatch):
     monkeypatch.setattr(cache_mod, "page_hash", lambda tokens: 0)
     a, c = make()

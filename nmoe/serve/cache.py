@@ -158,8 +158,9 @@ class RadixCache:
       hash collision can cost time but never returns another prefix's pages.
     - The tree holds one reference on every page it stores; `match` takes one more per matched page for
       the caller (the caller decrefs them itself) and locks the matched path until `release`.
-    - `insert` and `extend` never replace a page already stored for a prefix: the tree keeps its page
-      and the caller keeps (and still owns) its own duplicate.
+    - Neither `insert` nor `extend` replaces a page already stored for a prefix. After `insert` the
+      caller keeps its own duplicate; `extend` makes the caller adopt the stored page instead (its
+      duplicate is freed), so a sequence's locked path is made of its own pages.
     - `evict` removes only unlocked leaves, least recently used first (a logical clock ticked by every
       `match`/`insert`/`extend`, not wall time); evict(0) is always safe and so is asking for more
       than can be evicted.
@@ -216,17 +217,20 @@ class RadixCache:
             )
         if not self.enabled:
             return 0
-        node, added = self._descend(self._root, tokens, pages, 0, len(pages), lock=False)
+        node, added = self._descend(self._root, tokens, pages, 0, len(pages), adopt=False)
         self._maybe_push(node)
         return added
 
-    def extend(
-        self, handle: PrefixHandle, tokens: Sequence[int], pages: Sequence[int], num_pages: int
-    ) -> int:
+    def extend(self, handle: PrefixHandle, tokens: Sequence[int], pages: list[int], num_pages: int) -> int:
         """Continue `handle`'s path to `num_pages` pages: page i (handle.num_pages <= i < num_pages) holds
         tokens[i*page_size : (i+1)*page_size] in pages[i]. tokens[:handle.num_pages*page_size] must be the
         path the handle already locks; `tokens` and `pages` may be longer than what is read. The handle
-        (and its lock) moves to the deepest node. Returns how many pages the tree newly stored."""
+        (and its lock) moves to the deepest node. Returns how many pages the tree newly stored.
+
+        Unlike `insert`, where the tree already stores a page for a prefix the caller adopts it:
+        pages[i] is replaced by the stored page and the caller's reference moves to it (its duplicate
+        is decref'd, so freed). A sequence therefore never holds two copies of a cached prefix, and the
+        pages on its locked path are exactly its own pages[:handle.num_pages]."""
         if not handle.active:
             raise ValueError("extend: the handle was already released")
         if not self.enabled or num_pages <= handle.num_pages:
@@ -236,7 +240,7 @@ class RadixCache:
                 f"extend: {num_pages} pages of {self.page_size} tokens need that many pages and tokens; "
                 f"got {len(pages)} pages and {len(tokens)} tokens"
             )
-        node, added = self._descend(handle.node, tokens, pages, handle.num_pages, num_pages, lock=True)
+        node, added = self._descend(handle.node, tokens, pages, handle.num_pages, num_pages, adopt=True)
         handle.node = node
         handle.num_pages = num_pages
         return added
@@ -291,12 +295,11 @@ class RadixCache:
 
     def path_tokens(self, handle: PrefixHandle) -> list[int]:
         """The token ids of the handle's path, root first."""
-        keys = []
-        node = handle.node
-        while node.parent is not None:
-            keys.append(node.key)
-            node = node.parent
-        return [t for key in reversed(keys) for t in key]
+        return [t for node in self._path(handle) for t in node.key]
+
+    def path_pages(self, handle: PrefixHandle) -> list[int]:
+        """The pages of the handle's path, root first."""
+        return [node.page for node in self._path(handle)]
 
     def check_invariants(self, handles: Iterable[PrefixHandle] | None = None) -> None:
         """Raise AssertionError if the tree is inconsistent. With `handles` (every live handle), also
@@ -345,24 +348,33 @@ class RadixCache:
         return None
 
     def _descend(
-        self, node: _Node, tokens: Sequence[int], pages: Sequence[int], first: int, last: int, lock: bool
+        self, node: _Node, tokens: Sequence[int], pages: Sequence[int], first: int, last: int, adopt: bool
     ) -> tuple[_Node, int]:
-        """Walk (creating what is missing) pages first..last-1 below `node`; returns (deepest, created)."""
-        tick, ps = self._tick(), self.page_size
+        """Walk (creating what is missing) pages first..last-1 below `node`; returns (deepest, created).
+        With `adopt` (extend) the walked nodes are locked and the caller adopts already stored pages."""
+        tick, ps, alloc = self._tick(), self.page_size, self.allocator
         added = 0
         for i in range(first, last):
             key = tuple(tokens[i * ps : (i + 1) * ps])
-            child = self._child(node, key)
+            h = page_hash(key)
+            bucket = node.children.get(h)
+            child = next((c for c in bucket if c.key == key), None) if bucket else None
             if child is None:
                 page = pages[i]
-                self.allocator.incref((page,))
-                h = page_hash(key)
+                alloc.incref((page,))
                 child = _Node(key, h, page, node)
-                node.children.setdefault(h, []).append(child)
+                if bucket is None:
+                    node.children[h] = [child]
+                else:
+                    bucket.append(child)
                 self._num_nodes += 1
                 added += 1
+            elif adopt and child.page != pages[i]:
+                alloc.incref((child.page,))
+                alloc.decref((pages[i],))
+                pages[i] = child.page
             child.last_access = tick
-            if lock:
+            if adopt:
                 child.lock += 1
             node = child
         return node, added
@@ -379,6 +391,14 @@ class RadixCache:
             heapq.heapify(self._heap)
             return  # the rebuild queued `node` too
         heapq.heappush(self._heap, (node.last_access, next(self._order), node))
+
+    def _path(self, handle: PrefixHandle) -> list[_Node]:
+        nodes = []
+        node = handle.node
+        while node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
 
     def _nodes(self) -> Iterator[_Node]:
         stack = [self._root]

@@ -241,6 +241,7 @@ class ServeConfig:
     chunk_size: int = 2048
     disable_prefix_cache: bool = False
     disable_chunked_prefill: bool = False
+    disable_mixed_steps: bool = False  # decode steps and prefill steps never share a forward
     seed: int = 0
     debug_invariants: bool = False
     extra: dict = field(default_factory=dict, repr=False)

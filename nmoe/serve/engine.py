@@ -56,6 +56,7 @@ class Engine:
                 chunk_size=cfg.chunk_size,
                 enable_prefix_cache=not cfg.disable_prefix_cache,
                 enable_chunked_prefill=not cfg.disable_chunked_prefill,
+                enable_mixed_steps=not cfg.disable_mixed_steps,
                 debug_invariants=cfg.debug_invariants,
             )
         )
@@ -149,8 +150,12 @@ class Engine:
         if batch is None:
             return []
         touched: list[Request] = []
-        for items in self._forward_groups(batch):
-            touched += self._record(*self.forward_batch(items))
+        try:
+            for items in self._forward_groups(batch):
+                touched += self._record(*self.forward_batch(items))
+        except BaseException:
+            self.scheduler.abort(batch)  # nothing of this batch counts as computed
+            raise
         self.scheduler.complete(batch)
         self.stats["steps"] += 1
         return touched

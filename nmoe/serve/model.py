@@ -7,11 +7,18 @@ Two ways through the same weights:
     of many sequences flattened into T rows; prefill rows use the naive MLA form over their whole
     context, decode rows the absorbed form (`ops.attention.mla_decode_paged`).
 
-On CPU everything computes in fp32 from weights dequantized once at load.
+Two weight formats (`DeepseekV3(cfg, experts, weights_format=...)`):
+  * "fp32" (the CPU path): every weight dequantized to fp32 once at load; fp32 compute;
+  * "fp8" (the CUDA path for FP8 checkpoints): linear and expert weights stay e4m3 with their
+    128x128 `weight_scale_inv`; activations are BF16, quantized per token per 128 channels before each
+    FP8 GEMM (`ops.fp8`, `ops.moe_gemm`); embeddings, norms and `lm_head` BF16, the router fp32.
+    The modules are built on the meta device and `load_hf` moves the checkpoint's tensors in (no
+    second copy, no init), so a real-scale rank loads straight from tensors already on the GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -21,9 +28,16 @@ from torch import nn
 
 from nmoe.serve.config import ModelConfig
 from nmoe.serve.ops.attention import mla_decode_paged
-from nmoe.serve.ops.fp8 import dequant_block_fp8
+from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_fp8_act
 from nmoe.serve.ops.kv import gather_context, kv_append_paged
+from nmoe.serve.ops.moe_gemm import grouped_fp8_gemm_contiguous, silu_mul_quant_fp8
 from nmoe.serve.ops.router import moe_route
+
+WEIGHTS_FORMATS = ("fp32", "fp8")
+
+
+def _blocks(n: int, block: int = 128) -> int:
+    return -(-n // block)
 
 # ------------------------------------------------------------------------------------------------
 # Building blocks
@@ -42,15 +56,34 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x W^T without bias; the weight is held dequantized."""
+    """y = x W^T without bias.
 
-    def __init__(self, in_features: int, out_features: int):
+    Unquantized (default): `weight [out, in]` in the compute dtype (fp32 dequantized on CPU).
+    `fp8=True`: `weight [out, in]` e4m3 and `weight_scale_inv [ceil(out/128), ceil(in/128)]` fp32, built
+    on the meta device for `load_hf` to fill; x is quantized per token per 128 channels and the FP8
+    GEMM returns BF16."""
+
+    def __init__(self, in_features: int, out_features: int, fp8: bool = False):
         super().__init__()
+        if fp8:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
+            self.weight_scale_inv = nn.Parameter(
+                torch.empty(_blocks(out_features), _blocks(in_features)), requires_grad=False
+            )
+            return
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.normal_(self.weight, std=in_features**-0.5)
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=in_features**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        if self.weight.dtype != FP8:
+            return F.linear(x, self.weight)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 0:
+            return x.new_zeros(*shape[:-1], self.weight.shape[0])
+        xq, xs = quant_fp8_act(x2.contiguous())
+        return fp8_gemm(xq, xs, self.weight, self.weight_scale_inv).view(*shape[:-1], -1)
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -113,21 +146,22 @@ class AttnBatch:
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, fp8: bool = False):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, nh = cfg.hidden_size, cfg.num_attention_heads
         self.n_heads = nh
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(h, nh * cfg.qk_head_dim)
+            self.q_proj = Linear(h, nh * cfg.qk_head_dim, fp8)
         else:
-            self.q_a_proj = Linear(h, cfg.q_lora_rank)
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, fp8)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim)
-        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_cache_dim)
+            self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, fp8)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_cache_dim, fp8)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        # kept unquantized (BF16 under fp8): decode reads it per head as W_UK / W_UV for absorption
         self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim))
-        self.o_proj = Linear(nh * cfg.v_head_dim, h)
+        self.o_proj = Linear(nh * cfg.v_head_dim, h, fp8)
         self.scale = cfg.softmax_scale
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,11 +261,11 @@ class MLA(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, fp8: bool = False):
         super().__init__()
-        self.gate_proj = Linear(hidden, inter)
-        self.up_proj = Linear(hidden, inter)
-        self.down_proj = Linear(inter, hidden)
+        self.gate_proj = Linear(hidden, inter, fp8)
+        self.up_proj = Linear(hidden, inter, fp8)
+        self.down_proj = Linear(inter, hidden, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -240,12 +274,23 @@ class MLP(nn.Module):
 class Experts(nn.Module):
     """This rank's routed experts, stacked: gate_up `[E_local, 2I, hidden]`, down `[E_local, hidden, I]`.
 
-    `expert_ids[j]` is the global id of local expert j."""
+    `expert_ids[j]` is the global id of local expert j. With `fp8=True` both are e4m3 with stacked
+    scales `gate_up_scale_inv [E_local, 2 ceil(I/128), ceil(hidden/128)]` (gate's block rows, then
+    up's) and `down_scale_inv [E_local, ceil(hidden/128), ceil(I/128)]`."""
 
-    def __init__(self, hidden: int, inter: int, expert_ids: list[int]):
+    def __init__(self, hidden: int, inter: int, expert_ids: list[int], fp8: bool = False):
         super().__init__()
         self.expert_ids = list(expert_ids)
         e = len(expert_ids)
+        if fp8:
+            def param(*shape, dtype=torch.float32):
+                return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+            self.gate_up = param(e, 2 * inter, hidden, dtype=FP8)
+            self.gate_up_scale_inv = param(e, 2 * _blocks(inter), _blocks(hidden))
+            self.down = param(e, hidden, inter, dtype=FP8)
+            self.down_scale_inv = param(e, _blocks(hidden), _blocks(inter))
+            return
         self.gate_up = nn.Parameter(torch.randn(e, 2 * inter, hidden) * hidden**-0.5)
         self.down = nn.Parameter(torch.randn(e, hidden, inter) * inter**-0.5)
 
@@ -258,8 +303,17 @@ class Experts(nn.Module):
         if x.shape[0] == 0:
             return torch.zeros_like(x)
         order = torch.argsort(local_ids, stable=True)
-        counts = torch.bincount(local_ids, minlength=len(self.expert_ids)).tolist()
         xs = x[order]
+        if self.gate_up.dtype == FP8:  # counts by scatter_add: bincount would read its max on the host
+            counts = torch.zeros(len(self.expert_ids), dtype=torch.long, device=x.device)
+            ys = self._sorted_fp8(xs, counts.scatter_add_(0, local_ids, torch.ones_like(local_ids)))
+        else:
+            ys = self._sorted_dense(xs, torch.bincount(local_ids, minlength=len(self.expert_ids)).tolist())
+        out = torch.empty_like(x)
+        out[order] = ys * weights[order, None].to(ys.dtype)
+        return out
+
+    def _sorted_dense(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ys = torch.empty_like(xs)
         start = 0
         for j, n in enumerate(counts):
@@ -267,20 +321,52 @@ class Experts(nn.Module):
                 g, u = F.linear(xs[start : start + n], self.gate_up[j]).chunk(2, dim=-1)
                 ys[start : start + n] = F.linear(F.silu(g) * u, self.down[j])
                 start += n
-        out = torch.empty_like(x)
-        out[order] = ys * weights[order, None].to(ys.dtype)
-        return out
+        return ys
+
+    def _sorted_fp8(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert, `counts [E_local]` on the device (no host read): gate+up grouped
+        GEMM -> fused SwiGLU-quant -> down grouped GEMM, BF16 out."""
+        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=xs.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        xq, xsc = quant_fp8_act(xs.contiguous())
+        inter = self.down.shape[-1]
+        if inter % 128 == 0:  # gate's and up's scale blocks tile the fused [2I] rows exactly
+            h = grouped_fp8_gemm_contiguous(xq, xsc, self.gate_up, self.gate_up_scale_inv, offsets)
+        else:  # a partial block at the seam (small test models): two GEMMs on contiguous halves
+            nb = self.gate_up_scale_inv.shape[1] // 2
+            halves = [
+                grouped_fp8_gemm_contiguous(
+                    xq, xsc, w.contiguous(), s.contiguous(), offsets
+                )
+                for w, s in (
+                    (self.gate_up[:, :inter], self.gate_up_scale_inv[:, :nb]),
+                    (self.gate_up[:, inter:], self.gate_up_scale_inv[:, nb:]),
+                )
+            ]
+            h = torch.cat(halves, dim=-1)
+        hq, hs = silu_mul_quant_fp8(h)
+        return grouped_fp8_gemm_contiguous(hq, hs, self.down, self.down_scale_inv, offsets)
+
+
+def combine_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_k w[t,k] * expert_{local_ids[t,k]}(x[t]), summed in (t, k) order in fp32
+    (the identity for fp32 activations), returned in x's dtype."""
+    t, k = local_ids.shape
+    tok = torch.arange(t, device=x.device).repeat_interleave(k)
+    y = experts(x[tok], local_ids.flatten(), weights.flatten())
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, y.float())
+    return acc.to(x.dtype)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, expert_ids: list[int]):
+    def __init__(self, cfg: ModelConfig, expert_ids: list[int], fp8: bool = False):
         super().__init__()
         self.cfg = cfg
         self.gate_weight = nn.Parameter(torch.randn(cfg.n_routed_experts, cfg.hidden_size) * 0.02)
         self.register_buffer("gate_bias", torch.zeros(cfg.n_routed_experts))
-        self.experts = Experts(cfg.hidden_size, cfg.moe_intermediate_size, expert_ids)
+        self.experts = Experts(cfg.hidden_size, cfg.moe_intermediate_size, expert_ids, fp8)
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, inter) if cfg.n_shared_experts else None
+        self.shared_experts = MLP(cfg.hidden_size, inter, fp8) if cfg.n_shared_experts else None
         self.transport = None  # set by the engine for EP; None: every expert is local
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,10 +396,7 @@ class MoE(nn.Module):
 
     def local_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """All experts on this rank: y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
-        t, k = ids.shape
-        tok = torch.arange(t, device=x.device).repeat_interleave(k)
-        y = self.experts(x[tok], ids.flatten(), weights.flatten())
-        return torch.zeros_like(x).index_add_(0, tok, y)
+        return combine_experts(self.experts, x, weights, ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,12 +405,15 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, expert_ids: list[int]):
+    def __init__(self, cfg: ModelConfig, layer: int, expert_ids: list[int], fp8: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, layer)
+        self.self_attn = MLA(cfg, layer, fp8)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg, expert_ids) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.is_moe_layer(layer):
+            self.mlp = MoE(cfg, expert_ids, fp8)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fp8)
 
     def forward_dense(self, x, cos, sin):
         x = x + self.self_attn.forward_dense(self.input_layernorm(x), cos, sin)
@@ -339,14 +425,23 @@ class Block(nn.Module):
 
 
 class DeepseekV3(nn.Module):
-    def __init__(self, cfg: ModelConfig, expert_ids: list[int] | None = None):
+    """`weights_format`: "fp32" (dequantized, the CPU path) or "fp8" (FP8 checkpoints; see the module
+    docstring). Under "fp8" the parameters are meta tensors until `load_hf`."""
+
+    def __init__(self, cfg: ModelConfig, expert_ids: list[int] | None = None, weights_format: str = "fp32"):
         super().__init__()
-        self.cfg = cfg
+        if weights_format not in WEIGHTS_FORMATS:
+            raise ValueError(f"weights_format {weights_format!r}: expected one of {', '.join(WEIGHTS_FORMATS)}")
+        if weights_format == "fp8" and cfg.quantization_config is None:
+            raise ValueError("weights_format 'fp8' needs an FP8 checkpoint (config.json has no quantization_config)")
+        self.cfg, self.weights_format = cfg, weights_format
+        fp8 = weights_format == "fp8"
         expert_ids = list(range(cfg.n_routed_experts)) if expert_ids is None else list(expert_ids)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i, expert_ids) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        with torch.device("meta") if fp8 else contextlib.nullcontext():
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(Block(cfg, i, expert_ids, fp8) for i in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,7 +472,12 @@ class DeepseekV3(nn.Module):
     # --------------------------------------------------------------------------------------------
 
     def load_hf(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Fill from HF-named tensors (FP8 weights with their `weight_scale_inv` are dequantized)."""
+        """Fill from HF-named tensors (FP8 weights with their `weight_scale_inv` are dequantized).
+
+        Under weights_format "fp8" the tensors are moved in instead, and `tensors` is consumed (each
+        entry is removed once used) so a real-scale load never holds two copies."""
+        if self.weights_format == "fp8":
+            return self._load_fp8(tensors)
 
         def get(name: str) -> torch.Tensor:
             t = tensors[name]
@@ -391,6 +491,42 @@ class DeepseekV3(nn.Module):
                 if isinstance(layer.mlp, MoE):
                     layer.mlp.gate_bias.copy_(get(f"model.layers.{i}.mlp.gate.e_score_correction_bias"))
 
+    # weights held in this dtype under "fp8" (the rest as the checkpoint gives them, FP8 or BF16)
+    _FP8_FORMAT_DTYPES = {"embed_tokens.weight": torch.bfloat16, "mlp.gate_weight": torch.float32}
+
+    def _load_fp8(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Move the checkpoint's tensors into the meta parameters: FP8 weights and their scales as
+        they are, BF16 elsewhere (`kv_b_proj` dequantized to BF16), the router in fp32."""
+
+        def take(name: str, dtype: torch.dtype) -> torch.Tensor:
+            if name not in tensors:
+                raise KeyError(f"tensor '{name}' is missing from the weights")
+            t = tensors.pop(name)
+            if dtype == FP8:
+                if t.dtype != FP8:
+                    raise ValueError(f"tensor '{name}' has dtype {t.dtype}, expected float8_e4m3fn")
+                return t
+            if t.dtype == FP8:
+                t = dequant_block_fp8(t, tensors.pop(name + "_scale_inv"))
+            return t.to(dtype)
+
+        with torch.no_grad():
+            for name, p in list(self.named_parameters()):
+                key = name.split(".", 2)[-1] if name.startswith("layers.") else name
+                if p.dtype == FP8 or name.endswith("_scale_inv"):
+                    dtype = p.dtype
+                else:
+                    dtype = self._FP8_FORMAT_DTYPES.get(key, torch.bfloat16)
+                t = self._hf_param(name, lambda n, dtype=dtype: take(n, dtype))
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"weight for '{name}' has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+                module_name, _, attr = name.rpartition(".")
+                setattr(self.get_submodule(module_name), attr, nn.Parameter(t.contiguous(), requires_grad=False))
+            for i, layer in enumerate(self.layers):
+                if isinstance(layer.mlp, MoE):
+                    bias = take(f"model.layers.{i}.mlp.gate.e_score_correction_bias", torch.float32)
+                    layer.mlp.gate_bias = bias
+
     def _hf_param(self, name: str, get) -> torch.Tensor:
         if name == "embed_tokens.weight":
             return get("model.embed_tokens.weight")
@@ -402,18 +538,21 @@ class DeepseekV3(nn.Module):
         mlp = self.layers[int(i)].mlp
         if rest == "mlp.gate_weight":
             return get(p + "mlp.gate.weight")
-        if rest in ("mlp.experts.gate_up", "mlp.experts.down"):
-            ids = mlp.experts.expert_ids
-            if rest.endswith("gate_up"):
-                return torch.stack([
-                    torch.cat([get(f"{p}mlp.experts.{e}.gate_proj.weight"), get(f"{p}mlp.experts.{e}.up_proj.weight")])
+        base = rest.removesuffix("_scale_inv")
+        if base in ("mlp.experts.gate_up", "mlp.experts.down"):
+            ids, sfx = mlp.experts.expert_ids, rest[len(base):]  # sfx: "_scale_inv" for the FP8 scales
+            if base.endswith("gate_up"):
+                return _stack([
+                    _cat([get(f"{p}mlp.experts.{e}.gate_proj.weight{sfx}"), get(f"{p}mlp.experts.{e}.up_proj.weight{sfx}")])
                     for e in ids
                 ])
-            return torch.stack([get(f"{p}mlp.experts.{e}.down_proj.weight") for e in ids])
+            return _stack([get(f"{p}mlp.experts.{e}.down_proj.weight{sfx}") for e in ids])
         return get(p + rest)
 
     def hf_tensors(self) -> dict[str, torch.Tensor]:
-        """The weights under their HF names (fp32, unquantized), the inverse of `load_hf`."""
+        """The weights under their HF names (fp32, unquantized), the inverse of `load_hf` (fp32 format)."""
+        if self.weights_format != "fp32":
+            raise ValueError(f"hf_tensors needs weights_format 'fp32', this model holds {self.weights_format!r}")
         out: dict[str, torch.Tensor] = {}
         for name, p in self.named_parameters():
             t = p.detach().float()
@@ -443,3 +582,16 @@ class DeepseekV3(nn.Module):
             if isinstance(layer.mlp, MoE):
                 out[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] = layer.mlp.gate_bias.detach().float()
         return out
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0 that also takes e4m3 (through its bytes: exact)."""
+    if ts[0].dtype == FP8:
+        return torch.cat([t.view(torch.uint8) for t in ts]).view(FP8)
+    return torch.cat(ts)
+
+
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    if ts[0].dtype == FP8:
+        return torch.stack([t.view(torch.uint8) for t in ts]).view(FP8)
+    return torch.stack(ts)

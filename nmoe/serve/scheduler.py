@@ -27,6 +27,9 @@ Prefix caching: when `complete` finds new full pages of computed tokens, they go
 prompt and generated tokens alike (a page's KV depends only on the tokens before it), so a preempted
 sequence or a follow-up turn can reuse them. Each RUNNING sequence holds one `PrefixHandle` locking
 the tree path of its cached pages; a page that is in the tree is full and is never written again.
+If the tree already has a newly full page (another sequence computed the same prefix meanwhile), the
+sequence switches to the tree's page and frees its own, so `seq.pages` can change in `complete` -
+only for full pages, whose KV is the same.
 """
 
 from __future__ import annotations
@@ -468,6 +471,9 @@ class Scheduler:
                 )
                 got = cache.path_tokens(h)
                 assert got == s.token_ids[: len(got)], f"{where}: its tree path is another prefix"
+                assert cache.path_pages(h) == s.pages[: h.num_pages], (
+                    f"{where}: holds duplicates of cached pages"
+                )
             for p in s.pages:
                 holders[p] += 1
         for s in deferred:

@@ -1,0 +1,81 @@
+"""One rank's share of an N-rank deployment on one device: the loopback transport.
+
+`--simulate-world-size N --simulate-rank r` runs rank r alone: it holds its E/N experts of every
+layer and its DP share of the sequences. In the real deployment its experts receive, besides its own
+rows for them, what the other N-1 ranks route to them; each of those ranks has its own sequences with
+the same routing statistics. The loopback stands in for them with this rank's own (token, k) slots:
+
+* a slot routed to one of this rank's experts goes there, as in the deployment;
+* a slot routed to another rank's expert (which this rank cannot compute) is given to a local expert
+  instead, in proportion to the local experts' own loads: with `c_j` of this rank's slots going to
+  local expert j (L in all) and R slots going elsewhere, expert j takes about `c_j * R / L` of them.
+
+So every local expert j receives about `c_j * (1 + R / L)`, about `N * c_j` rows (R / L is about N-1
+under balanced routing), hot experts stay hot, the rank computes about `T * k` expert rows as its
+deployed self would, and no computed row is thrown away: each slot's output is combined into its
+token with the slot's routing weight, so the local tokens get an output of the right shape and scale
+(the remote experts' contributions replaced by local experts': the cost is real, the values are a
+stand-in). Everything runs on the device without a host read (CUDA-graph friendly). At N = 1 every
+slot is local and the call is exactly `MoE.local_experts`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nmoe.serve.ep.transport import Transport
+
+
+class _NoComm:
+    """The loopback's peers do not exist: nothing is exchanged."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def all_to_all(self, *args, **kwargs) -> None:
+        raise RuntimeError("the loopback transport has no peers to exchange with")
+
+
+class LoopbackTransport(Transport):
+    """Rank `rank` of `world_size`, alone; attach with `ep.attach(model, transport)`."""
+
+    name = "loopback"
+
+    def __init__(self, world_size: int, rank: int, n_experts: int, placement: str = "contiguous"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"simulated rank {rank} is outside [0, {world_size})")
+        if n_experts % world_size:
+            raise ValueError(f"simulated world size {world_size} does not divide n_routed_experts {n_experts}")
+        super().__init__(_NoComm(rank, world_size), n_experts, placement)
+        self._device_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
+        from nmoe.serve.model import combine_experts
+
+        out = combine_experts(experts, x, weights, self.local_ids(ids))
+        self.calls += 1
+        return out
+
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids `[T, k]` -> the local expert `[T, k]` that computes each slot here."""
+        owner, local = self._tables(ids.device)
+        flat = ids.reshape(-1)
+        own = local[flat]
+        mine = owner[flat] == self.rank
+        counts = torch.zeros(self.n_local, dtype=torch.long, device=ids.device)
+        counts.scatter_add_(0, own, mine.long())  # c_j: this rank's own slots per local expert
+        local_total = counts.sum()
+        remote = ~mine
+        remote_total = remote.long().sum()
+        remote_rank = torch.cumsum(remote.long(), 0) - 1  # index of each remote slot among them
+        # remote slots [bounds[j-1], bounds[j]) go to local expert j: quotas proportional to c_j
+        bounds = torch.cumsum(counts, 0) * remote_total // local_total.clamp(min=1)
+        by_load = torch.searchsorted(bounds, remote_rank, right=True).clamp(max=self.n_local - 1)
+        # no local slot at all (tiny T): keep the slot's local index, which spreads them evenly
+        substitute = torch.where(local_total > 0, by_load, own)
+        return torch.where(mine, own, substitute).view(ids.shape)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._device_tables:
+            self._device_tables[device] = (self.owner.to(device), self.local.to(device))
+        return self._device_tables[device]

@@ -57,8 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def size_engine(args: argparse.Namespace) -> None:
     """Raise the cache and batch limits to what the runs need (printed when changed)."""
     per_rank = max(1, args.decode_batch // args.simulate_world_size)
-    longest = max([args.decode_ctx + args.decode_tokens + args.warmup_steps + 2] + [n + 2 for n in args.prefill_lens])
-    pages = per_rank * -(-(args.decode_ctx + args.decode_tokens + args.warmup_steps + 2) // args.page_size)
+    # sequences whose prefill ends early decode while the rest of the batch prefills: room for that
+    args.decode_max_tokens = (args.decode_tokens + args.warmup_steps + 2
+                              + -(-per_rank * args.decode_ctx // args.max_prefill_tokens) + per_rank)
+    decode_len = args.decode_ctx + args.decode_max_tokens + 1
+    longest = max([decode_len] + [n + 2 for n in args.prefill_lens])
+    pages = per_rank * -(-decode_len // args.page_size)
     pages = max(pages, args.prefill_requests * -(-longest // args.page_size)) + 8
     for name, need in (("max_seq_len", longest), ("num_pages", pages), ("max_batch_size", per_rank)):
         if getattr(args, name) < need:
@@ -99,8 +103,7 @@ def bench_prefill(engine, args, gen) -> dict[int, float]:
 def bench_decode(engine, args, gen) -> list[float]:
     """Seconds of each timed decode step (every sequence of the batch adds one token)."""
     vocab = engine.model_cfg.vocab_size
-    total = args.decode_tokens + args.warmup_steps + 1
-    params = SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.decode_max_tokens, temperature=0.0, ignore_eos=True)
     rids = {engine.add_request(random_prompt(gen, args.decode_ctx, vocab), params) for _ in range(args.decode_per_rank)}
     times: list[float] = []
     warm = 0

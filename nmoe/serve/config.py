@@ -233,6 +233,7 @@ class ServeConfig:
     attention_type: str = "mla"
     device: str = "cpu"
     kv_cache_dtype: str = "auto"
+    weights_format: str = "auto"  # auto: FP8 compute on CUDA for FP8 checkpoints, fp32 otherwise
     num_pages: int = 1024
     page_size: int = 64
     max_seq_len: int = 16384

@@ -33,7 +33,7 @@ class Engine:
         self.model_cfg = model_cfg or load_config(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
         experts = self.rank.local_experts(self.model_cfg.n_routed_experts)
-        self.model = DeepseekV3(self.model_cfg, experts)
+        self.model = DeepseekV3(self.model_cfg, experts, weights_format=self._weights_format())
         if weights is None and shards.is_shard_dir(self.model_dir):  # EP shards: this rank's file only
             weights = shards.load_rank_weights(self.model_dir, self.model_cfg, self.rank, progress=self.rank.rank == 0)
         elif weights is None:  # the HF layout: this rank reads only the tensors it needs
@@ -64,6 +64,17 @@ class Engine:
         self._rng = random.Random(cfg.seed * 1000003 + self.rank.rank)
         self._next_rid = 0
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "cached_tokens": 0}
+
+    def _weights_format(self) -> str:
+        """`--weights-format auto`: FP8 weights with BF16 activations on CUDA for an FP8 checkpoint
+        (the `nmoe._C` GEMMs), fp32 dequantized weights otherwise (the CPU path)."""
+        choice = self.cfg.weights_format
+        if choice == "auto":
+            fp8 = self.device.type == "cuda" and self.model_cfg.quantization_config is not None
+            choice = "fp8" if fp8 else "fp32"
+        if choice not in ("fp8", "fp32"):
+            raise ValueError(f"--weights-format {choice!r} is not supported (auto, fp8, fp32)")
+        return choice
 
     def _kv_dtype(self) -> torch.dtype:
         """`--kv-cache-dtype auto`: BF16 on GPU where the MLA decode kernel applies (DeepSeek-V3's

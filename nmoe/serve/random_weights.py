@@ -10,15 +10,13 @@ The benchmarks' model flags (`add_cli_args`, `build_engine`):
   --simulate-world-size N --simulate-rank r
                                one rank's share of an N-rank deployment on this device: its E/N
                                experts, fed by `ep.loopback.LoopbackTransport`
-  --placement {contiguous,striped}, --weights-format {auto,fp32,fp8}
+  --placement {contiguous,striped} (and ServeConfig's --weights-format auto|fp32|fp8)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import statistics
@@ -103,8 +101,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--simulate-world-size", type=int, default=1)
     parser.add_argument("--simulate-rank", type=int, default=0)
     parser.add_argument("--placement", choices=["contiguous", "striped"], default="contiguous")
-    parser.add_argument("--weights-format", choices=["auto", "fp32", "fp8"], default="auto",
-                        help="auto: fp8 on CUDA for FP8 checkpoints, fp32 otherwise")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -114,26 +110,6 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     if args.num_layers is not None:
         cfg = dataclasses.replace(cfg, num_hidden_layers=args.num_layers)
     return cfg
-
-
-def weights_format(choice: str, device: torch.device, cfg: ModelConfig) -> str:
-    if choice != "auto":
-        return choice
-    return "fp8" if device.type == "cuda" and cfg.quantization_config is not None else "fp32"
-
-
-@contextlib.contextmanager
-def _engine_model_format(fmt: str):
-    """Build the Engine's model in `fmt`. A default only: an engine that passes `weights_format`
-    itself overrides it (functools.partial lets call-time keywords win)."""
-    import nmoe.serve.engine as engine_module
-
-    original = engine_module.DeepseekV3
-    engine_module.DeepseekV3 = functools.partial(original, weights_format=fmt)
-    try:
-        yield
-    finally:
-        engine_module.DeepseekV3 = original
 
 
 def build_engine(args: argparse.Namespace):
@@ -158,8 +134,7 @@ def build_engine(args: argparse.Namespace):
         sync(device)
         print(f"random weights: {len(weights)} tensors, {tensor_bytes(weights.values()) / 1e9:.2f} GB "
               f"on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
-    with _engine_model_format(weights_format(args.weights_format, device, cfg)):
-        engine = Engine(serve, rank=rank, model_cfg=cfg, weights=weights)
+    engine = Engine(serve, rank=rank, model_cfg=cfg, weights=weights)
     del weights
     if n > 1:
         ep.attach(engine.model, LoopbackTransport(n, r, cfg.n_routed_experts, args.placement))

@@ -286,7 +286,9 @@ class Transport:
             return 0
         for experts in self.layers[self.calls:]:
             p = next(experts.parameters())
-            x = p.new_zeros(0, self.hidden_size)
+            # FP8 expert weights: the activations they see are BF16
+            x = torch.zeros(0, self.hidden_size, dtype=torch.bfloat16 if p.element_size() == 1 else p.dtype,
+                            device=p.device)
             done = self.calls
             try:
                 self.moe(x, x.new_zeros(0, 1), torch.zeros(0, 1, dtype=torch.long, device=p.device), experts)

@@ -4,7 +4,7 @@ Deterministic (fixed seeds, deterministic algorithms); a few minutes on 2 CPU co
 tokenizer and an FP8 checkpoint in the HF release layout to nmoe/serve/tiny/, then checks that greedy
 decoding of the dequantized FP8 weights completes every fixed prompt.
 
-    python scripts/train_tiny_model.py [--steps 600] [--out nmoe/serve/tiny]
+    python scripts/train_tiny_model.py [--steps 300] [--out nmoe/serve/tiny]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def examples(tok: Tokenizer, lines, chats) -> list[list[int]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=1234)

@@ -145,7 +145,7 @@ def test_fp8_engine_cuda_matches_cpu():
     """The FP8 format on CUDA (nmoe._C kernels) against the fp32 CPU engine on the trained tiny model."""
     import argparse
 
-    from nmoe.serve.random_weights import add_cli_args, build_engine
+    from nmoe.serve.benchmarking import add_cli_args, build_engine
     from nmoe.serve.request import SamplingParams
     from nmoe.serve.tiny_prompts import FIXED_PROMPTS
 

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from nmoe.serve.random_weights import (
+from nmoe.serve.benchmarking import (
     add_cli_args,
     build_engine,
     decode_weight_bytes,

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from nmoe.serve.random_weights import add_cli_args, build_engine, emit, maybe_plot, random_prompt, summary
+from nmoe.serve.benchmarking import add_cli_args, build_engine, emit, maybe_plot, random_prompt, summary
 from nmoe.serve.request import SamplingParams
 
 

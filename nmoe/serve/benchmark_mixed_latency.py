@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nmoe.serve.random_weights import add_cli_args, build_engine, emit, maybe_plot, random_prompt, summary
+from nmoe.serve.benchmarking import add_cli_args, build_engine, emit, maybe_plot, random_prompt, summary
 from nmoe.serve.request import SamplingParams
 
 

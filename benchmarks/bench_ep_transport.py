@@ -27,7 +27,6 @@ from nmoe.serve.dist import init_dist, shutdown
 from nmoe.serve.ep.testing import ScaledIdentity, random_routing
 from nmoe.serve.ep.transport import run_experts
 
-
 LL_MAX_TOKENS = 256
 
 

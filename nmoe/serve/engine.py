@@ -5,7 +5,6 @@ The request loop is one readable `step()`: schedule, run the batch, postprocess 
 
 from __future__ import annotations
 
-import logging
 import random
 
 import torch
@@ -19,8 +18,6 @@ from nmoe.serve.ops.sampling import sample, score_tokens
 from nmoe.serve.request import OutputMode, Request, RequestOutput, SamplingParams
 from nmoe.serve.scheduler import Batch, Scheduler, SchedulerConfig, Sequence
 from nmoe.serve.tokenizer import Tokenizer
-
-log = logging.getLogger("nmoe")
 
 
 class Engine:
@@ -204,9 +201,8 @@ class Engine:
         positions, out_loc = [], []
         for i, it in enumerate(items):
             table[i, : len(it.seq.pages)] = torch.tensor(it.seq.pages, dtype=torch.int32)
-            for p in range(it.start, it.start + it.num_tokens):
-                positions.append(p)
-                out_loc.append(it.seq.pages[p // page_size] * page_size + p % page_size)
+            positions.extend(it.positions())
+            out_loc.extend(it.out_loc(page_size))
         return AttnBatch(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             out_loc=torch.tensor(out_loc, dtype=torch.long, device=dev),
@@ -221,7 +217,7 @@ class Engine:
         """Forward the items' tokens; logits only at the positions a request needs.
 
         Returns, per logits row, (request, forced target or None to sample), and the logits `[R, V]`."""
-        ids = [t for it in items for t in it.seq.token_ids[it.start : it.start + it.num_tokens]]
+        ids = [t for it in items for t in it.input_ids()]
         for it in items:
             self.stats["decode_tokens" if it.num_tokens == 1 else "prefill_tokens"] += it.num_tokens
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), self._attn_batch(items))

@@ -12,7 +12,6 @@ The table below is the only place profiles are defined. Every field changes beha
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from nmoe.serve.request import OutputMode, SamplingParams
@@ -59,11 +58,6 @@ def enforce(params: SamplingParams) -> None:
         params.logprobs = True if not params.num_top_logprobs else params.logprobs
     params.logprobs_mode = p.logprobs_mode
     params.solo_forward = p.solo_forward
-
-
-def with_profile(name: str | None, params: SamplingParams) -> SamplingParams:
-    """A copy of `params` under profile `name` (None: unchanged)."""
-    return params if name is None else dataclasses.replace(params, profile=name)
 
 
 def resolve_profile(name: str) -> dict:

@@ -119,10 +119,10 @@ class Request:
     detok: object = None  # IncrementalDetokenizer
     stop_scan_from: int = 0
 
-    def output(self, with_logits: bool = True) -> RequestOutput:
+    def output(self) -> RequestOutput:
         mode = self.params.mode
         logits = None
-        if with_logits and mode is OutputMode.LOGITS and self.logits:
+        if mode is OutputMode.LOGITS and self.logits:
             import torch
 
             logits = torch.stack(self.logits)

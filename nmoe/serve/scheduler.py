@@ -120,6 +120,25 @@ class ScheduledSeq:
         """One token fed, everything before it already computed."""
         return self.num_tokens == 1 and self.start + 1 == self.seq_len
 
+    def input_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start : self.start + self.num_tokens]
+
+    def positions(self) -> range:
+        return range(self.start, self.start + self.num_tokens)
+
+    def out_loc(self, page_size: int) -> list[int]:
+        """KV slot of every fed token: page * page_size + offset (runs of consecutive slots per page)."""
+        out: list[int] = []
+        pages = self.seq.pages
+        pos, end = self.start, self.start + self.num_tokens
+        while pos < end:
+            idx, off = divmod(pos, page_size)
+            stop = min(end, (idx + 1) * page_size)
+            base = pages[idx] * page_size + off
+            out.extend(range(base, base + stop - pos))
+            pos = stop
+        return out
+
 
 @dataclass
 class Batch:
@@ -130,30 +149,14 @@ class Batch:
         return sum(it.num_tokens for it in self.items)
 
     def input_ids(self) -> list[int]:
-        out: list[int] = []
-        for it in self.items:
-            out.extend(it.seq.token_ids[it.start : it.start + it.num_tokens])
-        return out
+        return [t for it in self.items for t in it.input_ids()]
 
     def positions(self) -> list[int]:
-        out: list[int] = []
-        for it in self.items:
-            out.extend(range(it.start, it.start + it.num_tokens))
-        return out
+        return [p for it in self.items for p in it.positions()]
 
     def out_loc(self, page_size: int) -> list[int]:
-        """KV slot of every fed token: page * page_size + offset, in `input_ids` order."""
-        out: list[int] = []
-        for it in self.items:
-            pages = it.seq.pages
-            pos, end = it.start, it.start + it.num_tokens
-            while pos < end:
-                idx, off = divmod(pos, page_size)
-                stop = min(end, (idx + 1) * page_size)
-                base = pages[idx] * page_size + off
-                out.extend(range(base, base + stop - pos))
-                pos = stop
-        return out
+        """KV slot of every fed token, in `input_ids` order."""
+        return [s for it in self.items for s in it.out_loc(page_size)]
 
 
 class _Step:

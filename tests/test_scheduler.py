@@ -321,6 +321,27 @@ def test_mixed_steps_decode_during_long_prefill():
     assert_drained(sched)
 
 
+def test_mixed_prefill_tokens_caps_prefill_beside_decodes():
+    cfg = SchedulerConfig(num_pages=200, page_size=64, max_seq_len=8192, chunk_size=1024, mixed_prefill_tokens=256,
+                          debug_invariants=True)
+    sched = Scheduler(cfg)
+    eng = FakeEngine(sched, vocab=1000)
+    b = seq(1, [eng.rng.randrange(1000) for _ in range(3000)], 1)
+    sched.add(b)
+    assert eng.step().num_tokens() == 1024  # no decodes yet: a full chunk
+    a = seq(0, list(range(10)), 100)
+    sched.add(a)
+    assert eng.step().num_tokens() == 1024 + 10  # still no decodes: b's chunk and a's prompt
+    for _ in range(3):
+        batch = eng.step()
+        dec, chunk = batch.items
+        assert dec.seq is a and dec.is_decode and chunk.seq is b and chunk.num_tokens <= 256
+    sched.finish(a)
+    while b.status is not SeqStatus.FINISHED:
+        eng.step()
+    assert_drained(sched)
+
+
 @pytest.mark.parametrize("prefix", [True, False])
 @pytest.mark.parametrize("sample_first", [True, False])
 def test_prefix_reuse_feeds_fewer_tokens(prefix, sample_first):

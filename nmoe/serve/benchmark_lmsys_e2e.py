@@ -28,8 +28,10 @@ from nmoe.serve.benchmarking import (
     build_engine,
     decode_weight_bytes,
     emit,
+    forward_flops_per_token,
     maybe_plot,
     measure_bandwidth,
+    measure_fp8_tflops,
     percentile,
     random_prompt,
     sync,
@@ -138,8 +140,12 @@ def main(argv=None) -> int:
           f"weights {engine.model.weights_format} on {engine.device}")
 
     prefill = bench_prefill(engine, args, gen)
+    fp8_peak = measure_fp8_tflops(engine.device)
+    prefill_tflops = {k: rate * forward_flops_per_token(mc, k / 2) / 1e12 for k, rate in prefill.items()}
     for length, rate in prefill.items():
-        print(f"prefill {length:>6} tokens x {args.prefill_requests}: {rate:10.1f} tok/s per rank, {rate * n:10.1f} per node")
+        frac = f" = {prefill_tflops[length] / fp8_peak:.1%} of FP8 peak {fp8_peak:.0f}" if fp8_peak else ""
+        print(f"prefill {length:>6} tokens x {args.prefill_requests}: {rate:10.1f} tok/s per rank, {rate * n:10.1f} "
+              f"per node; {prefill_tflops[length]:.1f} TFLOP/s{frac} (steps of <= {args.max_prefill_tokens} tokens)")
 
     steps = bench_decode(engine, args, gen)
     step_s = statistics.median(steps)
@@ -151,6 +157,8 @@ def main(argv=None) -> int:
     kv_bytes = b * mean_ctx * mc.num_hidden_layers * mc.kv_cache_dim * kv_elt
     floor_s = (w_bytes + kv_bytes) / (bw * 1e9)
     decode_rate = b * len(steps) / sum(steps)
+    graphs = engine._graphs.graphs if engine._graphs is not None else {}
+    print(f"decode CUDA graphs: {'buckets ' + str(sorted(graphs)) if graphs else 'off'}")
     print(f"decode {b} seqs/rank ({b * n}/node) at ctx {args.decode_ctx}: step p50 {step_s * 1e3:.2f} ms "
           f"(p99 {percentile(steps, 99) * 1e3:.2f} ms), {decode_rate:.1f} tok/s per rank, {decode_rate * n:.1f} per node")
     print(f"decode floor: weights {w_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.3f} GB over {bw:.0f} GB/s = "
@@ -174,6 +182,10 @@ def main(argv=None) -> int:
         "decode_step_p99_ms": percentile(steps, 99) * 1e3,
         "decode_floor_ms": floor_s * 1e3,
         "decode_floor_ratio": step_s / floor_s,
+        "prefill_tflops_by_len": {str(k): v for k, v in prefill_tflops.items()},
+        "fp8_peak_tflops": fp8_peak,
+        "prefill_fp8_peak_frac_by_len": {str(k): v / fp8_peak for k, v in prefill_tflops.items()} if fp8_peak else None,
+        "cuda_graph": bool(graphs),
         "weight_gb": w_bytes / 1e9,
         "kv_gb": kv_bytes / 1e9,
         "bandwidth_gbs": bw,

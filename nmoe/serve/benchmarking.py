@@ -114,6 +114,42 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, iters: in
     return 2 * nbytes * iters / (time.perf_counter() - t0) / 1e9
 
 
+def forward_flops_per_token(cfg, ctx: float) -> float:
+    """Matmul FLOPs of one token through every layer (lm_head excluded) at attention context `ctx`:
+    the projections, the naive-form attention (QK over the qk head dim, PV over v per head and
+    context token), top-k routed + shared experts or the dense MLP. A simulated rank computes about
+    top-k expert rows per token of its own (the loopback), so this is its share too."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    qk, v = cfg.qk_head_dim, cfg.v_head_dim
+    q = h * heads * qk if cfg.q_lora_rank is None else h * cfg.q_lora_rank + cfg.q_lora_rank * heads * qk
+    attn = (q + h * cfg.kv_cache_dim + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + v)
+            + heads * v * h + ctx * heads * (qk + v))
+    moe = 3 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    dense = 3 * h * cfg.intermediate_size
+    ffn = sum(moe if cfg.is_moe_layer(i) else dense for i in range(cfg.num_hidden_layers))
+    return 2.0 * (cfg.num_hidden_layers * attn + ffn)
+
+
+def measure_fp8_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float | None:
+    """Dense e4m3 matmul rate (torch._scaled_mm, per-tensor scales, BF16 out) in TFLOP/s; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+
+    def mm():
+        return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+    mm()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        mm()
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
 def percentile(xs: list[float], p: float) -> float:
     """Linear-interpolated percentile `p` in [0, 100]; NaN for no samples."""
     if not xs:

@@ -243,6 +243,8 @@ class ServeConfig:
     disable_prefix_cache: bool = False
     disable_chunked_prefill: bool = False
     disable_mixed_steps: bool = False  # decode steps and prefill steps never share a forward
+    mixed_prefill_tokens: int = 0  # prefill tokens in a step that also decodes (0: max_prefill_tokens)
+    disable_cuda_graph: bool = False  # CUDA: launch decode steps eagerly instead of replaying graphs
     seed: int = 0
     debug_invariants: bool = False
     extra: dict = field(default_factory=dict, repr=False)
@@ -254,6 +256,8 @@ class ServeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if not isinstance(self.mixed_prefill_tokens, int) or self.mixed_prefill_tokens < 0:
+            raise ValueError(f"--mixed-prefill-tokens must be 0 (off) or positive, got {self.mixed_prefill_tokens!r}")
 
     @classmethod
     def fields(cls) -> list[str]:

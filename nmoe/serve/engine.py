@@ -5,6 +5,7 @@ The request loop is one readable `step()`: schedule, run the batch, postprocess 
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from nmoe.serve import shards
 from nmoe.serve.ckpt import load_config, load_weights, resolve_model_path
 from nmoe.serve.config import ModelConfig, ServeConfig
+from nmoe.serve.decode_graphs import DecodeGraphs, not_capturable
 from nmoe.serve.dist import RankInfo
 from nmoe.serve.model import AttnBatch, DeepseekV3
 from nmoe.serve.ops.sampling import sample, score_tokens
@@ -54,9 +56,16 @@ class Engine:
                 enable_prefix_cache=not cfg.disable_prefix_cache,
                 enable_chunked_prefill=not cfg.disable_chunked_prefill,
                 enable_mixed_steps=not cfg.disable_mixed_steps,
+                mixed_prefill_tokens=cfg.mixed_prefill_tokens,
                 debug_invariants=cfg.debug_invariants,
             )
         )
+        # CUDA: the engine's work goes on its own stream (graphs are captured there, and other
+        # streams' work on the same device does not serialize behind a step)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the caches' zero-fill
+        self._graphs: DecodeGraphs | None = None  # built at the first decode step that can use them
         self.requests: dict[int, Request] = {}
         self._rng = random.Random(cfg.seed * 1000003 + self.rank.rank)
         self._next_rid = 0
@@ -159,8 +168,9 @@ class Engine:
             return []
         touched: list[Request] = []
         try:
-            for items in self._forward_groups(batch):
-                touched += self._record(*self.forward_batch(items))
+            with self._on_stream():
+                for items in self._forward_groups(batch):
+                    touched += self._record(*self.forward_batch(items))
         except BaseException:
             self.scheduler.abort(batch)  # nothing of this batch counts as computed
             raise
@@ -173,15 +183,29 @@ class Engine:
         """A forward with no tokens (T=0): enters every collective of the MoE layers, as lockstep needs."""
         dev = self.device
         empty = torch.zeros(0, dtype=torch.long, device=dev)
-        attn = AttnBatch(
-            positions=empty,
-            out_loc=empty,
-            block_table=torch.zeros(0, 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
-            q_lens=[],
-            kv_caches=self.kv_caches,
-        )
-        self.model(empty, attn)
+        with self._on_stream():
+            attn = AttnBatch(
+                positions=empty,
+                out_loc=empty,
+                block_table=torch.zeros(0, 1, dtype=torch.int32, device=dev),
+                seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
+                q_lens=[],
+                kv_caches=self.kv_caches,
+            )
+            self.model(empty, attn)
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """The CUDA-graph runner for decode steps, or None where graphs are off (CPU,
+        `--disable-cuda-graph`, or a forward that cannot be captured: see `not_capturable`)."""
+        if self.stream is None or self.cfg.disable_cuda_graph or not_capturable(self.model) is not None:
+            return None
+        if self._graphs is None:
+            max_pages = -(-self.cfg.max_seq_len // self.cfg.page_size)
+            self._graphs = DecodeGraphs(self.model, self.kv_caches, self.cfg.max_batch_size, max_pages)
+        return self._graphs
 
     def _forward_groups(self, batch: Batch) -> list[list]:
         """The batch's items as forwards: one shared, plus one per `solo_forward` request.
@@ -193,23 +217,22 @@ class Engine:
         solo = [[it] for it in batch.items if self.requests[it.seq.rid].params.solo_forward]
         return ([shared] if shared else []) + solo
 
-    def _attn_batch(self, items: list) -> AttnBatch:
-        dev = self.device
+    def _host_batch(self, items: list) -> dict[str, torch.Tensor]:
+        """The items' token ids, positions, cache slots, block table and lengths, as host tensors."""
         page_size = self.cfg.page_size
-        max_pages = max(len(it.seq.pages) for it in items)
-        table = torch.zeros(len(items), max_pages, dtype=torch.int32)
-        positions, out_loc = [], []
+        table = torch.zeros(len(items), max(len(it.seq.pages) for it in items), dtype=torch.int32)
+        ids, positions, out_loc = [], [], []
         for i, it in enumerate(items):
             table[i, : len(it.seq.pages)] = torch.tensor(it.seq.pages, dtype=torch.int32)
+            ids.extend(it.input_ids())
             positions.extend(it.positions())
             out_loc.extend(it.out_loc(page_size))
-        return AttnBatch(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            out_loc=torch.tensor(out_loc, dtype=torch.long, device=dev),
-            block_table=table.to(dev),
-            seq_lens=torch.tensor([it.start + it.num_tokens for it in items], dtype=torch.int32, device=dev),
-            q_lens=[it.num_tokens for it in items],
-            kv_caches=self.kv_caches,
+        return dict(
+            ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            out_loc=torch.tensor(out_loc, dtype=torch.long),
+            block_table=table,
+            seq_lens=torch.tensor([it.start + it.num_tokens for it in items], dtype=torch.int32),
         )
 
     @torch.no_grad()
@@ -217,10 +240,9 @@ class Engine:
         """Forward the items' tokens; logits only at the positions a request needs.
 
         Returns, per logits row, (request, forced target or None to sample), and the logits `[R, V]`."""
-        ids = [t for it in items for t in it.input_ids()]
         for it in items:
             self.stats["decode_tokens" if it.num_tokens == 1 else "prefill_tokens"] += it.num_tokens
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), self._attn_batch(items))
+        host = self._host_batch(items)
         rows, wants = [], []
         offset = 0
         for it in items:
@@ -229,9 +251,24 @@ class Engine:
                 rows.append(offset + pos - it.start)
                 wants.append((req, target))
             offset += it.num_tokens
+        graphs = self.decode_graphs() if all(it.num_tokens == 1 for it in items) else None
+        if graphs is not None and graphs.fits(len(items), host["block_table"].shape[1]):
+            with self._on_stream():  # a capture must not run on the default stream
+                logits = graphs.run(**host)  # every row is a decode row: the logits of all of them
+                return wants, logits[torch.tensor(rows, device=self.device)] if rows else logits[:0]
+        dev = self.device
+        attn = AttnBatch(
+            positions=host["positions"].to(dev),
+            out_loc=host["out_loc"].to(dev),
+            block_table=host["block_table"].to(dev),
+            seq_lens=host["seq_lens"].to(dev),
+            q_lens=[it.num_tokens for it in items],
+            kv_caches=self.kv_caches,
+        )
+        hidden = self.model(host["ids"].to(dev), attn)
         if not rows:
             return [], hidden.new_zeros(0, self.model_cfg.vocab_size)
-        return wants, self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        return wants, self.model.logits(hidden[torch.tensor(rows, device=dev)])
 
     def _logit_positions(self, req: Request, it) -> list[tuple[int, int | None]]:
         """(position, target) pairs in this chunk: forced tokens to score, or the end to sample from."""

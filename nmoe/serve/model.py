@@ -134,6 +134,9 @@ class AttnBatch:
     kv_caches: list[torch.Tensor]  # per layer [num_pages, page_size, kv_lora_rank + rope_dim]
     cos: torch.Tensor | None = None  # [T, rope_dim / 2], filled by the model
     sin: torch.Tensor | None = None
+    # True for a CUDA-graph decode step: every row is one sequence's next token, shapes are static
+    # (padded rows have length 0 and out_loc -1) and nothing may read a device value on the host
+    static: bool = False
 
     @property
     def decode_rows(self) -> list[int]:
@@ -206,6 +209,9 @@ class MLA(nn.Module):
         q_nope, q_pe = self._split_q(x, batch.cos, batch.sin)
         c_kv, k_pe = self._latents(x, batch.cos, batch.sin)
         kv_append_paged(cache, batch.out_loc, c_kv, k_pe)
+        if batch.static:  # one decode token per row, in sequence order: no row bookkeeping
+            out = self._decode_absorbed(q_nope, q_pe, cache, batch.block_table, batch.seq_lens, static=True)
+            return self.o_proj(out.flatten(1))
         out = x.new_empty(x.shape[0], self.n_heads, self.cfg.v_head_dim)
         starts = [0]
         for q in batch.q_lens:
@@ -213,7 +219,10 @@ class MLA(nn.Module):
         decode = batch.decode_rows
         if decode:
             rows = torch.tensor([starts[i] for i in decode], device=x.device)
-            out[rows] = self._decode_absorbed(q_nope[rows], q_pe[rows], cache, batch, decode)
+            seqs = torch.tensor(decode, device=x.device)
+            out[rows] = self._decode_absorbed(
+                q_nope[rows], q_pe[rows], cache, batch.block_table[seqs], batch.seq_lens[seqs]
+            )
         for i, q_len in enumerate(batch.q_lens):
             if q_len > 1:
                 sl = slice(starts[i], starts[i] + q_len)
@@ -241,17 +250,15 @@ class MLA(nn.Module):
             out.append(torch.einsum("hqk,khd->qhd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v[:keys]))
         return torch.cat(out)
 
-    def _decode_absorbed(self, q_nope, q_pe, cache, batch: AttnBatch, rows: list[int]) -> torch.Tensor:
-        """One query per sequence: W_UK folded into the query, W_UV applied after attention."""
+    def _decode_absorbed(self, q_nope, q_pe, cache, block_table, seq_lens, static: bool = False) -> torch.Tensor:
+        """One query per sequence: W_UK folded into the query, W_UV applied after attention.
+        `static`: no host read of `seq_lens` (the block table's width bounds every context)."""
         cfg = self.cfg
         w = self.kv_b_proj.weight.view(self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)
         q = torch.cat([q_lat, q_pe], dim=-1).to(cache.dtype)
-        idx = torch.tensor(rows, device=q.device)
-        o_lat, _ = mla_decode_paged(
-            q, cache, batch.block_table[idx], batch.seq_lens[idx], self.scale, cfg.kv_lora_rank
-        )
+        o_lat, _ = mla_decode_paged(q, cache, block_table, seq_lens, self.scale, cfg.kv_lora_rank, static=static)
         return torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv)
 
 

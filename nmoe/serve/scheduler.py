@@ -8,7 +8,8 @@ Policy, per step (a mixed step: decodes and prefill chunks in one batch, decodes
 1. Decode: every RUNNING sequence whose tokens are all computed except the last gets that token.
    At most `max_batch_size` sequences are RUNNING, so every decode fits. (With
    `enable_mixed_steps=False` a step is prefill only when any prefill can run, else decode only.)
-2. Prefill, under `max_prefill_tokens` tokens per step (decode tokens are not counted): RUNNING
+2. Prefill, under `max_prefill_tokens` tokens per step (decode tokens are not counted; a step with
+   decodes takes at most `mixed_prefill_tokens` when that is set and prefill is chunked): RUNNING
    sequences still mid-prefill first (oldest first), then WAITING ones in queue order (strict FCFS:
    the head blocks the rest). A sequence gets at most one chunk per step, of at most `chunk_size`
    tokens. Without chunked prefill a sequence's remaining tokens are scheduled whole or not at all,
@@ -54,6 +55,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     debug_invariants: bool = False
     enable_mixed_steps: bool = True  # False: a step is all prefill (when there is any) or all decode
+    # prefill tokens of a step that also carries decodes (0: max_prefill_tokens); bounds how much a
+    # concurrent long prefill stretches the running sequences' inter-token latency (chunked only)
+    mixed_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -240,6 +244,9 @@ class Scheduler:
         step = _Step(self.cfg.max_prefill_tokens)
         if self.cfg.enable_mixed_steps:
             self._schedule_decodes(step)
+            mixed = self.cfg.mixed_prefill_tokens
+            if step.decodes and mixed > 0 and self.cfg.enable_chunked_prefill:
+                step.budget = min(step.budget, mixed)
             self._schedule_prefills(step)
         else:  # prefill first; decode when there is no prefill to run
             self._schedule_prefills(step)

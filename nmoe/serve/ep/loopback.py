@@ -40,6 +40,7 @@ class LoopbackTransport(Transport):
     """Rank `rank` of `world_size`, alone; attach with `ep.attach(model, transport)`."""
 
     name = "loopback"
+    graph_safe = True  # device-only: a decode forward through it can be captured in a CUDA graph
 
     def __init__(self, world_size: int, rank: int, n_experts: int, placement: str = "contiguous"):
         if not 0 <= rank < world_size:

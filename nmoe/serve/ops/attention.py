@@ -19,13 +19,20 @@ def mla_decode_paged_ref(
     seq_lens: torch.Tensor,
     softmax_scale: float,
     kv_lora_rank: int,
+    static: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q `[B, H, R + D]`, cache `[P, page, R + D]`, block_table `[B, max_pages]`, seq_lens `[B]`
-    -> (out `[B, H, R]` in q's dtype, lse `[B, H]` fp32). A sequence of length 0 gives zeros and -inf."""
+    -> (out `[B, H, R]` in q's dtype, lse `[B, H]` fp32). A sequence of length 0 gives zeros and -inf.
+
+    `static`: attend over the block table's whole width instead of reading the longest length on
+    the host, so the op can be captured in a CUDA graph (the same result, more work)."""
     b, h, _ = q.shape
     page = cache.shape[1]
-    longest = int(seq_lens.max()) if b else 0
-    if longest == 0:
+    if static:
+        longest = block_table.shape[1] * page
+    else:
+        longest = int(seq_lens.max()) if b else 0
+    if longest == 0 or b == 0:
         out = torch.zeros(b, h, kv_lora_rank, dtype=q.dtype, device=q.device)
         return out, torch.full((b, h), float("-inf"), dtype=torch.float32, device=q.device)
     n_pages = -(-longest // page)
@@ -44,9 +51,11 @@ def mla_decode_paged_ref(
     return out.to(q.dtype), lse
 
 
-def mla_decode_paged(q, cache, block_table, seq_lens, softmax_scale, kv_lora_rank):
+def mla_decode_paged(q, cache, block_table, seq_lens, softmax_scale, kv_lora_rank, static: bool = False):
+    """The kernel where it applies (it never reads lengths on the host), else the reference;
+    `static` as in `mla_decode_paged_ref`."""
     # the kernel is built for DeepSeek-V3's latent width (512 + 64) and a BF16 cache
     kernel_shape = kv_lora_rank == 512 and q.shape[-1] == 576
     if use_cuda(q, cache, block_table, seq_lens) and kernel_shape and q.dtype == cache.dtype == torch.bfloat16:
         return torch.ops.nmoe.mla_decode_paged(q, cache, block_table, seq_lens, float(softmax_scale))
-    return mla_decode_paged_ref(q, cache, block_table, seq_lens, softmax_scale, kv_lora_rank)
+    return mla_decode_paged_ref(q, cache, block_table, seq_lens, softmax_scale, kv_lora_rank, static)

@@ -11,9 +11,13 @@ from nmoe.serve.ops._ext import use_cuda
 
 
 def kv_append_paged_ref(cache: torch.Tensor, out_loc: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-    """Write normalized latents `[T, R]` and rotated rope keys `[T, D]` into their slots."""
+    """Write normalized latents `[T, R]` and rotated rope keys `[T, D]` into their slots. A slot
+    outside the cache (a padded row's -1) is skipped, as the kernel does."""
     flat = cache.view(-1, cache.shape[-1])
     r = c_kv.shape[-1]
+    inside = (out_loc >= 0) & (out_loc < flat.shape[0])
+    if not bool(inside.all()):
+        out_loc, c_kv, k_pe = out_loc[inside], c_kv[inside], k_pe[inside]
     flat[out_loc, :r] = c_kv.to(cache.dtype)
     flat[out_loc, r:] = k_pe.to(cache.dtype)
 

@@ -237,6 +237,8 @@ class MLA(nn.Module):
         ctx = gather_context(cache, batch.block_table[i], n).to(q_nope.dtype)
         c_kv, k_pe = ctx.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         k_nope, v = self._expand(c_kv)
+        if q_nope.is_cuda:
+            return self._prefill_sdpa(q_nope, q_pe, k_nope, k_pe, v)
         q = q_nope.shape[0]
         out = []
         for b0 in range(0, q, block):
@@ -249,6 +251,20 @@ class MLA(nn.Module):
             scores = (scores * self.scale).masked_fill(~causal, float("-inf"))
             out.append(torch.einsum("hqk,khd->qhd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v[:keys]))
         return torch.cat(out)
+
+    def _prefill_sdpa(self, q_nope, q_pe, k_nope, k_pe, v) -> torch.Tensor:
+        """The same attention through torch's fused SDPA (CUDA): the chunk's queries are the last
+        `q` of the `n` context tokens, hence the lower-right causal mask; no [H, q, n] score matrix
+        is materialized, which is what lets a 128k-token prompt prefill."""
+        from torch.nn.attention.bias import causal_lower_right
+
+        heads, q_len, n = self.n_heads, q_nope.shape[0], k_nope.shape[0]
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, q, nope + rope]
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(n, heads, -1)], dim=-1).transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q[None], k[None], v.transpose(0, 1)[None], attn_mask=causal_lower_right(q_len, n), scale=self.scale
+        )
+        return out[0].transpose(0, 1)
 
     def _decode_absorbed(self, q_nope, q_pe, cache, block_table, seq_lens, static: bool = False) -> torch.Tensor:
         """One query per sequence: W_UK folded into the query, W_UV applied after attention.

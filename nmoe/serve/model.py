@@ -236,9 +236,9 @@ class MLA(nn.Module):
         n = int(batch.seq_lens[i])
         ctx = gather_context(cache, batch.block_table[i], n).to(q_nope.dtype)
         c_kv, k_pe = ctx.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        k_nope, v = self._expand(c_kv)
         if q_nope.is_cuda:
-            return self._prefill_sdpa(q_nope, q_pe, k_nope, k_pe, v)
+            return self._prefill_sdpa(q_nope, q_pe, c_kv, k_pe)
+        k_nope, v = self._expand(c_kv)
         q = q_nope.shape[0]
         out = []
         for b0 in range(0, q, block):
@@ -252,19 +252,35 @@ class MLA(nn.Module):
             out.append(torch.einsum("hqk,khd->qhd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v[:keys]))
         return torch.cat(out)
 
-    def _prefill_sdpa(self, q_nope, q_pe, k_nope, k_pe, v) -> torch.Tensor:
+    # context tokens x heads expanded at once in the SDPA prefill: bounds its transient memory
+    # (a 128k-token context expands 32 heads at a time, about 2 GB in BF16)
+    PREFILL_EXPAND_TOKEN_HEADS = 1 << 22
+
+    def _prefill_sdpa(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
         """The same attention through torch's fused SDPA (CUDA): the chunk's queries are the last
-        `q` of the `n` context tokens, hence the lower-right causal mask; no [H, q, n] score matrix
-        is materialized, which is what lets a 128k-token prompt prefill."""
+        `q` of the `n` context tokens, hence the lower-right causal mask. No `[H, q, n]` score matrix
+        is materialized and the context is expanded through `kv_b_proj` a group of heads at a time,
+        which is what lets a 128k-token prompt prefill."""
         from torch.nn.attention.bias import causal_lower_right
 
-        heads, q_len, n = self.n_heads, q_nope.shape[0], k_nope.shape[0]
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, q, nope + rope]
-        k = torch.cat([k_nope, k_pe[:, None, :].expand(n, heads, -1)], dim=-1).transpose(0, 1)
-        out = F.scaled_dot_product_attention(
-            q[None], k[None], v.transpose(0, 1)[None], attn_mask=causal_lower_right(q_len, n), scale=self.scale
-        )
-        return out[0].transpose(0, 1)
+        cfg, heads = self.cfg, self.n_heads
+        q_len, n = q_nope.shape[0], c_kv.shape[0]
+        nope = cfg.qk_nope_head_dim
+        w = self.kv_b_proj.weight.view(heads, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+        group = max(1, min(heads, self.PREFILL_EXPAND_TOKEN_HEADS // n))
+        mask = causal_lower_right(q_len, n)
+        out = q_nope.new_empty(q_len, heads, cfg.v_head_dim)
+        for h0 in range(0, heads, group):
+            h1 = min(heads, h0 + group)
+            kv = F.linear(c_kv, w[h0:h1].reshape(-1, cfg.kv_lora_rank)).view(n, h1 - h0, -1)
+            k = torch.cat([kv[..., :nope], k_pe[:, None, :].expand(n, h1 - h0, -1)], dim=-1)
+            q = torch.cat([q_nope[:, h0:h1], q_pe[:, h0:h1]], dim=-1)
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], kv[..., nope:].transpose(0, 1)[None],
+                attn_mask=mask, scale=self.scale,
+            )
+            out[:, h0:h1] = o[0].transpose(0, 1)
+        return out
 
     def _decode_absorbed(self, q_nope, q_pe, cache, block_table, seq_lens, static: bool = False) -> torch.Tensor:
         """One query per sequence: W_UK folded into the query, W_UV applied after attention.

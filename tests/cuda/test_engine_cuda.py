@@ -48,7 +48,10 @@ def test_cuda_engine_matches_cpu(model, kv, tiny_random_dir):
 
 @pytest.mark.parametrize("model", ["tiny", "random"])
 def test_cuda_graph_decode_matches_eager(model, tiny_random_dir):
-    """Decode replayed from CUDA graphs (several buckets, padded rows) == `--disable-cuda-graph`."""
+    """Decode replayed from CUDA graphs (several buckets, padded rows): bitwise the same as the same
+    static padded forward run eagerly, and the same tokens as `--disable-cuda-graph`."""
+    from nmoe.serve.decode_graphs import DecodeGraphs
+
     path = "tiny" if model == "tiny" else tiny_random_dir
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (3, 9, 40, 120, 7, 66, 250)]
@@ -59,9 +62,19 @@ def test_cuda_graph_decode_matches_eager(model, tiny_random_dir):
     graphed = llm.generate(prompts, params)
     runner = llm.engine._graphs
     assert runner is not None and len(runner.graphs) >= 3, "decode steps were not captured"
+
+    static_llm = _llm("cuda", path)
+    eng = static_llm.engine
+    static_runner = DecodeGraphs(eng.model, eng.kv_caches, eng.cfg.max_batch_size, runner.max_pages, capture=False)
+    eng.decode_graphs = lambda: static_runner
+    static = static_llm.generate(prompts, params)
+
     worst = 0.0
-    for a, b in zip(eager, graphed):
-        assert a.token_ids == b.token_ids
+    for a, b, c in zip(eager, graphed, static):
+        assert a.token_ids == b.token_ids == c.token_ids
+        assert b.logprobs == c.logprobs  # replay == the captured forward run eagerly
         worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs, b.logprobs)])
-    print(f"{model}: graph buckets {sorted(runner.graphs)}, max |logprob diff| vs eager {worst:.3e}")
-    assert worst < 1e-3
+    print(f"{model}: graph buckets {sorted(runner.graphs)}, max |logprob diff| vs --disable-cuda-graph {worst:.3e}")
+    # the static path attends over the block table's full width: longer fp32 reductions, whose last
+    # bits BF16 activations can turn into visible (but token-preserving) logprob differences
+    assert worst < 0.1

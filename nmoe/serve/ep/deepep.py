@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nmoe.serve.ep.transport import Dispatched, GroupComm, Transport, run_experts
+from nmoe.serve.model import sum_topk
 
 
 def import_deep_ep():
@@ -107,4 +108,7 @@ class DeepEPTransport(Transport):
         """Per received token, the weighted sum of its local experts' outputs `[R, H]`."""
         tok, kk = (recv_ids >= 0).nonzero(as_tuple=True)
         y = experts(recv[tok], recv_ids[tok, kk].long(), recv_w[tok, kk])
-        return torch.zeros_like(recv).index_add_(0, tok, y.to(recv.dtype))
+        r, k = recv_ids.shape
+        slots = y.new_zeros(r * k, recv.shape[-1])
+        slots[tok * k + kk] = y
+        return sum_topk(slots, r, k, recv.dtype)

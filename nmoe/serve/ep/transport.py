@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nmoe.serve.dist import RankInfo
+from nmoe.serve.model import sum_topk
 
 LOW_LATENCY_MODES = ("0", "1", "auto")
 
@@ -271,8 +272,7 @@ class Transport:
         slots = torch.empty_like(back)
         slots[plan.order] = back
         y = slots * weights.reshape(-1, 1).to(slots.dtype)
-        tok = torch.arange(t, device=back.device).repeat_interleave(k)
-        return torch.zeros_like(like).index_add_(0, tok, y)
+        return sum_topk(y, t, k, like.dtype)
 
     # --- forward bookkeeping (lockstep) ------------------------------------------------------------
 

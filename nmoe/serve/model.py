@@ -51,6 +51,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:  # torch's fused kernel: one launch, not six
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
 
@@ -75,6 +77,15 @@ class Linear(nn.Module):
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight, std=in_features**-0.5)
 
+    @classmethod
+    def fp8_of(cls, weight: torch.Tensor, scale_inv: torch.Tensor) -> Linear:
+        """An FP8 Linear holding `weight` `[out, in]` e4m3 and its `scale_inv` as they are."""
+        lin = cls.__new__(cls)
+        nn.Module.__init__(lin)
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        lin.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
+        return lin
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype != FP8:
             return F.linear(x, self.weight)
@@ -82,8 +93,11 @@ class Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] == 0:
             return x.new_zeros(*shape[:-1], self.weight.shape[0])
-        xq, xs = quant_fp8_act(x2.contiguous())
-        return fp8_gemm(xq, xs, self.weight, self.weight_scale_inv).view(*shape[:-1], -1)
+        return self.forward_quantized(*quant_fp8_act(x2.contiguous())).view(*shape[:-1], -1)
+
+    def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """FP8: `[M, in]` activations already quantized per token per 128 channels -> BF16 `[M, out]`."""
+        return fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -306,8 +320,28 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, inter, fp8)
         self.down_proj = Linear(inter, hidden, fp8)
 
+        self.gate_up: Linear | None = None  # FP8: gate and up fused by `fuse_gate_up`
+
+    def fuse_gate_up(self) -> None:
+        """FP8 with whole 128-row scale blocks: gate and up become one GEMM `[2I, hidden]` whose BF16
+        output the fused SwiGLU-quant turns into the down GEMM's input (one quantization of x, one
+        GEMM and one kernel instead of two quantizations, two GEMMs, silu, mul and a quantization)."""
+        g, u = self.gate_proj, self.up_proj
+        if g.weight.dtype != FP8 or g.weight.shape[0] % 128:
+            return
+        self.gate_up = Linear.fp8_of(_cat([g.weight.data, u.weight.data]),
+                                     torch.cat([g.weight_scale_inv.data, u.weight_scale_inv.data]))
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 0:
+            return x.new_zeros(shape)
+        h = self.gate_up.forward_quantized(*quant_fp8_act(x2.contiguous()))
+        return self.down_proj.forward_quantized(*silu_mul_quant_fp8(h)).view(shape)
 
 
 class Experts(nn.Module):
@@ -569,6 +603,9 @@ class DeepseekV3(nn.Module):
                 if isinstance(layer.mlp, MoE):
                     bias = take(f"model.layers.{i}.mlp.gate.e_score_correction_bias", torch.float32)
                     layer.mlp.gate_bias = bias
+            for m in self.modules():
+                if isinstance(m, MLP):
+                    m.fuse_gate_up()
 
     def _hf_param(self, name: str, get) -> torch.Tensor:
         if name == "embed_tokens.weight":

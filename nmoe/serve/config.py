@@ -245,6 +245,7 @@ class ServeConfig:
     disable_mixed_steps: bool = False  # decode steps and prefill steps never share a forward
     mixed_prefill_tokens: int = 0  # prefill tokens in a step that also decodes (0: max_prefill_tokens)
     disable_cuda_graph: bool = False  # CUDA: launch decode steps eagerly instead of replaying graphs
+    disable_overlap: bool = False  # CUDA: deliver each step's tokens before scheduling the next
     seed: int = 0
     debug_invariants: bool = False
     extra: dict = field(default_factory=dict, repr=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +21,20 @@ from nmoe.serve.ops.sampling import sample, score_tokens
 from nmoe.serve.request import OutputMode, Request, RequestOutput, SamplingParams
 from nmoe.serve.scheduler import Batch, Scheduler, SchedulerConfig, Sequence
 from nmoe.serve.tokenizer import Tokenizer
+
+PLACEHOLDER = -1  # a sampled token not yet on the host (overlap); its value lives on the device
+
+
+@dataclass
+class _Launched:
+    """One forward's sampling results, on their way to the host."""
+
+    wants: list  # (request, forced target or None) per logits row
+    out: object  # SampleOut, fields copied to the host (non-blocking) at launch
+    tokens: torch.Tensor  # [rows] sampled tokens on the device: the next step's placeholder inputs
+    logits: dict[int, torch.Tensor]  # row -> host logits, for LOGITS-mode rows
+    ready: torch.cuda.Event | None  # recorded after the copies (None on CPU)
+    slots: dict[int, int] = field(default_factory=dict)  # row -> index of its placeholder in token_ids
 
 
 class Engine:
@@ -66,6 +81,12 @@ class Engine:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the caches' zero-fill
         self._graphs: DecodeGraphs | None = None  # built at the first decode step that can use them
+        # overlap (CUDA): step k+1 is scheduled and launched before step k's tokens reach the host;
+        # the host then delivers step k while the device runs step k+1
+        self.overlap = self.stream is not None and not cfg.disable_overlap
+        self._pending: list[_Launched] = []
+        self._placeholders: dict[int, tuple[torch.Tensor, int, int]] = {}  # rid -> (tokens, row, index)
+        self._forced_in_flight: dict[int, int] = {}  # rid -> forced rows launched, not yet delivered
         self.requests: dict[int, Request] = {}
         self._rng = random.Random(cfg.seed * 1000003 + self.rank.rank)
         self._next_rid = 0
@@ -155,28 +176,47 @@ class Engine:
         return [r.output() for r in done]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._pending)
 
     # --------------------------------------------------------------------------------------------
     # The loop
     # --------------------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Run one scheduled batch; returns the requests that received tokens (or scores)."""
+        """Run one scheduled batch; returns the requests that received tokens (or scores).
+
+        With overlap the tokens delivered are the previous step's: this step is launched first, so
+        the host's delivery (detokenizing, stop checks) runs while the device computes."""
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
-        touched: list[Request] = []
+            return self._deliver_pending()
+        launched: list[_Launched] = []
         try:
             with self._on_stream():
                 for items in self._forward_groups(batch):
-                    touched += self._record(*self.forward_batch(items))
+                    launched += self._launch(*self.forward_batch(items))
+                if self.overlap and self._collective_free():
+                    touched = self._deliver_pending()
+                    for lau in launched:
+                        self._hold(lau)
+                    self._pending = launched
+                else:
+                    touched = self._deliver_pending()
+                    for lau in launched:
+                        touched += self._deliver(lau)
         except BaseException:
             self.scheduler.abort(batch)  # nothing of this batch counts as computed
+            self._drop(launched)
             raise
         self.scheduler.complete(batch)
         self.stats["steps"] += 1
         return touched
+
+    def _collective_free(self) -> bool:
+        """No MoE layer exchanges with peers: a step may end without its outputs (EP lockstep needs
+        every rank to run the same forwards, so overlap stays off there)."""
+        return all(getattr(layer.mlp, "transport", None) is None or getattr(layer.mlp.transport, "graph_safe", False)
+                   for layer in self.model.layers)
 
     @torch.no_grad()
     def forward_idle(self) -> None:
@@ -251,12 +291,13 @@ class Engine:
                 rows.append(offset + pos - it.start)
                 wants.append((req, target))
             offset += it.num_tokens
+        dev = self.device
+        host["ids"] = self._device_ids(items, host["ids"])
         graphs = self.decode_graphs() if all(it.num_tokens == 1 for it in items) else None
         if graphs is not None and graphs.fits(len(items), host["block_table"].shape[1]):
             with self._on_stream():  # a capture must not run on the default stream
                 logits = graphs.run(**host)  # every row is a decode row: the logits of all of them
-                return wants, logits[torch.tensor(rows, device=self.device)] if rows else logits[:0]
-        dev = self.device
+                return wants, logits[torch.tensor(rows, device=dev)] if rows else logits[:0]
         attn = AttnBatch(
             positions=host["positions"].to(dev),
             out_loc=host["out_loc"].to(dev),
@@ -265,29 +306,108 @@ class Engine:
             q_lens=[it.num_tokens for it in items],
             kv_caches=self.kv_caches,
         )
-        hidden = self.model(host["ids"].to(dev), attn)
+        hidden = self.model(host["ids"], attn)
         if not rows:
             return [], hidden.new_zeros(0, self.model_cfg.vocab_size)
         return wants, self.model.logits(hidden[torch.tensor(rows, device=dev)])
+
+    def _device_ids(self, items: list, ids: torch.Tensor) -> torch.Tensor:
+        """The items' input ids on the device, placeholders replaced by the sampled tokens that are
+        still there (overlap): no host round trip between consecutive steps."""
+        out = ids.to(self.device)
+        subs: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+        offset = 0
+        for it in items:
+            ph = self._placeholders.get(it.seq.rid)
+            if ph is not None and it.start <= ph[2] < it.start + it.num_tokens:
+                tokens, row, index = ph
+                entry = subs.setdefault(id(tokens), (tokens, [], []))
+                entry[1].append(offset + index - it.start)
+                entry[2].append(row)
+            offset += it.num_tokens
+        for tokens, pos, rows in subs.values():
+            out[torch.tensor(pos, device=self.device)] = tokens[torch.tensor(rows, device=self.device)]
+        return out
 
     def _logit_positions(self, req: Request, it) -> list[tuple[int, int | None]]:
         """(position, target) pairs in this chunk: forced tokens to score, or the end to sample from."""
         if req.forced is None:
             return [(it.start + it.num_tokens - 1, None)] if it.reaches_end else []
-        first = len(req.prompt_ids) - 1 + len(req.output_ids)  # next forced token not yet scored
+        # next forced token not yet scored (nor launched for scoring)
+        first = len(req.prompt_ids) - 1 + len(req.output_ids) + self._forced_in_flight.get(req.rid, 0)
         last = len(req.prompt_ids) + len(req.forced) - 2
         hi = min(last, it.start + it.num_tokens - 1)
         return [(p, req.forced[p + 1 - len(req.prompt_ids)]) for p in range(max(first, it.start), hi + 1)]
 
-    def _record(self, wants: list[tuple[Request, int | None]], logits: torch.Tensor) -> list[Request]:
-        """Sample or score every logits row, then append to each request's outputs in position order."""
+    def _launch(self, wants: list[tuple[Request, int | None]], logits: torch.Tensor) -> list[_Launched]:
+        """Sample or score every logits row on the device and start copying the results to the host."""
         if not wants:
             return []
-        reqs = [r for r, _ in wants]
-        forced = [t is not None for _, t in wants]
-        out = self._sample_or_score(reqs, [t for _, t in wants], logits)
+        out = self._sample_or_score([r for r, _ in wants], [t for _, t in wants], logits)
+        tokens = out.tokens
+        for f in ("tokens", "logprobs_raw", "logprobs_processed", "top_ids", "top_logprobs"):
+            t = getattr(out, f)
+            if t is not None:
+                setattr(out, f, t.to("cpu", non_blocking=True))
+        rows = [i for i, (r, _) in enumerate(wants) if r.params.mode is OutputMode.LOGITS]
+        host_logits = {}
+        if rows:  # copied now: a graph's logits buffer is overwritten by the next replay
+            picked = logits[torch.tensor(rows, device=logits.device)].float().to("cpu", non_blocking=True)
+            host_logits = dict(zip(rows, picked.unbind(0)))
+        ready = None
+        if self.stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return [_Launched(wants, out, tokens, host_logits, ready)]
+
+    def _hold(self, lau: _Launched) -> None:
+        """Overlap: give every sampled row that will surely be followed by another step a placeholder
+        token now, so the scheduler can feed it before its value is on the host."""
+        for i, (req, target) in enumerate(lau.wants):
+            if target is not None:
+                self._forced_in_flight[req.rid] = self._forced_in_flight.get(req.rid, 0) + 1
+                continue
+            seq = req.seq
+            more = (len(req.output_ids) + 1 < req.params.max_tokens
+                    and len(seq.token_ids) + 1 < self.cfg.max_seq_len)
+            if req.finish_reason is None and more:
+                seq.token_ids.append(PLACEHOLDER)
+                lau.slots[i] = len(seq.token_ids) - 1
+                self._placeholders[req.rid] = (lau.tokens, i, lau.slots[i])
+
+    def _deliver_pending(self) -> list[Request]:
+        pending, self._pending = self._pending, []
+        touched: list[Request] = []
+        for lau in pending:
+            touched += self._deliver(lau)
+        return touched
+
+    def _drop(self, launched: list[_Launched]) -> None:
+        """Undo `_hold` for launches whose step failed (their placeholders are never filled)."""
+        for lau in launched:
+            for i, index in lau.slots.items():
+                req = lau.wants[i][0]
+                if self._placeholders.get(req.rid, (None, None, None))[2] == index:
+                    del self._placeholders[req.rid]
+                    del req.seq.token_ids[index:]
+
+    def _deliver(self, lau: _Launched) -> list[Request]:
+        """Append each row's token (and logprobs, top-k, logits per its output mode) to its request,
+        in position order."""
+        if lau.ready is not None:
+            lau.ready.synchronize()
+        out = lau.out
         touched: dict[int, Request] = {}
-        for i, (req, target) in enumerate(wants):
+        for i, (req, target) in enumerate(lau.wants):
+            if target is not None:
+                left = self._forced_in_flight.get(req.rid, 0) - 1
+                if left > 0:
+                    self._forced_in_flight[req.rid] = left
+                else:
+                    self._forced_in_flight.pop(req.rid, None)
+            index = lau.slots.get(i)
+            if index is not None and self._placeholders.get(req.rid, (None, None, None))[2] == index:
+                del self._placeholders[req.rid]
             if req.finish_reason is not None:
                 continue
             p = req.params
@@ -298,11 +418,11 @@ class Engine:
                 k = p.num_top_logprobs
                 req.top_logprobs.append(list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist())))
             if p.mode is OutputMode.LOGITS:
-                req.logits.append(logits[i].float().cpu())
-            if forced[i]:
+                req.logits.append(lau.logits[i])
+            if target is not None:
                 self._append_forced(req, target)
             else:
-                self._append(req, int(out.tokens[i]))
+                self._append(req, int(out.tokens[i]), index)
             touched[req.rid] = req
         return list(touched.values())
 
@@ -343,9 +463,14 @@ class Engine:
         if len(req.output_ids) == len(req.forced):
             self._finish(req, "length")
 
-    def _append(self, req: Request, tok: int) -> None:
+    def _append(self, req: Request, tok: int, index: int | None = None) -> None:
+        """A sampled token: appended to the sequence, or written over its placeholder at `index`."""
         req.output_ids.append(tok)
-        req.seq.token_ids.append(tok)
+        if index is None:
+            req.seq.token_ids.append(tok)
+        else:
+            req.seq.token_ids[index] = tok
+        length = len(req.seq.token_ids) if index is None else index + 1
         params = req.params
         if not params.ignore_eos and tok in self.model_cfg.eos_token_ids:
             req.text += req.detok.push([])
@@ -355,7 +480,7 @@ class Engine:
             return self._finish(req, "stop")
         if params.stop and self._apply_stop_strings(req):
             return self._finish(req, "stop")
-        if len(req.output_ids) >= params.max_tokens or len(req.seq.token_ids) >= self.cfg.max_seq_len:
+        if len(req.output_ids) >= params.max_tokens or length >= self.cfg.max_seq_len:
             return self._finish(req, "length")
 
     def _apply_stop_strings(self, req: Request) -> bool:

@@ -48,8 +48,9 @@ def test_cuda_engine_matches_cpu(model, kv, tiny_random_dir):
 
 @pytest.mark.parametrize("model", ["tiny", "random"])
 def test_cuda_graph_decode_matches_eager(model, tiny_random_dir):
-    """Decode replayed from CUDA graphs (several buckets, padded rows): bitwise the same as the same
-    static padded forward run eagerly, and the same tokens as `--disable-cuda-graph`."""
+    """Decode replayed from CUDA graphs (several buckets, padded rows) with the overlap on: bitwise
+    the same as the same static padded forward run eagerly, and the same tokens as
+    `--disable-cuda-graph --disable-overlap`."""
     from nmoe.serve.decode_graphs import DecodeGraphs
 
     path = "tiny" if model == "tiny" else tiny_random_dir
@@ -57,7 +58,7 @@ def test_cuda_graph_decode_matches_eager(model, tiny_random_dir):
     prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (3, 9, 40, 120, 7, 66, 250)]
     params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0.0, logprobs=True, ignore_eos=True)
               for i in range(len(prompts))]  # the batch shrinks: buckets 8, 4, 2, 1
-    eager = _llm("cuda", path, disable_cuda_graph=True).generate(prompts, params)
+    eager = _llm("cuda", path, disable_cuda_graph=True, disable_overlap=True).generate(prompts, params)
     llm = _llm("cuda", path)
     graphed = llm.generate(prompts, params)
     runner = llm.engine._graphs

@@ -1,7 +1,10 @@
-"""Where a decode step's time goes: device kernels by share, and device time against wall time.
+"""Where a decode (or prefill) step's time goes: device kernels by share, device time against wall.
 
     python benchmarks/profile_decode.py --device cuda --random-weights --simulate-world-size 8 \\
         --num-layers 8 [--batch 32 --ctx 2000 --steps 5 --top 25] [--disable-cuda-graph]
+    python benchmarks/profile_decode.py ... --prefill 4 --ctx 4096 --max-prefill-tokens 16384 --chunk-size 4096
+
+`--prefill N` profiles the steps that prefill N prompts of `--ctx` tokens instead.
 
 Builds the engine as the seed's benchmarks do (`nmoe.serve.benchmarking`), prefills `--batch`
 sequences of `--ctx` tokens, warms up, then profiles `--steps` decode steps with torch.profiler and
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--prefill", type=int, default=0, help="profile the prefill of this many prompts instead")
     args = ap.parse_args()
     pages = args.batch * -(-(args.ctx + args.steps + 16) // args.page_size) + 8
     args.num_pages = max(args.num_pages, pages)
@@ -42,13 +46,32 @@ def main() -> None:
     while engine.stats["decode_tokens"] < 4 * args.batch:  # prefill, then a few decode steps (graph capture)
         engine.step()
     sync(engine.device)
+    for rid in list(engine.requests):
+        engine.cancel(rid)
+    while engine.has_work():
+        engine.step()
+    engine.pop_finished()
+    if not args.prefill:  # the decode batch again, profiled once it decodes
+        for _ in range(args.batch):
+            engine.add_request(random_prompt(gen, args.ctx, engine.model_cfg.vocab_size), params)
+        while engine.stats["decode_tokens"] < 8 * args.batch:
+            engine.step()
+    else:
+        one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        for _ in range(args.prefill):
+            engine.add_request(random_prompt(gen, args.ctx, engine.model_cfg.vocab_size), one)
+    sync(engine.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    what = "prefill" if args.prefill else "decode"
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        steps = 0
+        while steps < args.steps and engine.has_work():
             engine.step()
+            steps += 1
         sync(engine.device)
-        wall = (time.perf_counter() - t0) / args.steps
+        wall = (time.perf_counter() - t0) / max(steps, 1)
+    args.steps = max(steps, 1)
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
         if ev.device_type.name == "CUDA":
@@ -56,7 +79,7 @@ def main() -> None:
             k[0] += ev.device_time / args.steps
             k[1] += 1
     device = sum(v[0] for v in per_kernel.values())
-    print(f"decode step: wall {wall * 1e3:.2f} ms, device (sum of kernels) {device / 1e3:.2f} ms, "
+    print(f"{what} step ({engine.stats['prefill_tokens']} prefill tokens in all): wall {wall * 1e3:.2f} ms, device (sum of kernels) {device / 1e3:.2f} ms, "
           f"{len(per_kernel)} distinct kernels; graphs: {bool(engine._graphs and engine._graphs.graphs)}")
     print(f"{'us/step':>9} {'share':>6} {'calls':>6}  kernel")
     for name, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:

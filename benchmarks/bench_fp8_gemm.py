@@ -1,12 +1,16 @@
 """Times the FP8 ops of nmoe._C on the DeepSeek-V3 shapes, beside baselines, against measured ceilings.
 
-    python benchmarks/bench_fp8_gemm.py [--json out.json] [--quick]
+    python benchmarks/bench_fp8_gemm.py [--json out.json] [--quick] [--sweep]
 
 Ceilings are measured in the same run: HBM bandwidth as a device-to-device copy (bytes read + written
 per second) and dense BF16 matmul TFLOP/s (8192^3). Every time is the median of CUDA-event timings.
 Baselines: a per-expert loop of torch._scaled_mm (block-scaled 1x128 / 128x128 when this torch
 supports it, else row-wise scaled, which is a cheaper recipe), and BF16 torch.matmul on dequantized
 weights (dequantized before timing).
+
+--sweep instead times every GEMM kernel configuration compiled into nmoe._C (forced through
+torch.ops.nmoe._fp8_gemm_override) in both raster orders on the grouped and dense shapes, with the
+error of each against the fp32 reference: the data to choose between them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import statistics
 import torch
 
 from nmoe.serve.ops import moe_gemm
-from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_block_fp8, quant_fp8_act
+from nmoe.serve.ops._ext import cuda_ops_available
+from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, fp8_gemm_ref, quant_block_fp8, quant_fp8_act
 
 
 def median_ms(fn, *args, iters: int = 20, warmup: int = 3) -> float:
@@ -215,10 +220,129 @@ def bench_masked(ceil, rows_out, e, shapes, max_ms):
             )
 
 
+def err(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - 2*sum(xy)/sum(x^2+y^2) in float64 (the tests' metric)."""
+    x, y = x.double(), y.double()
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+
+def sweep_cases(quick: bool):
+    """(name, fn(), reference rows, valid-row selector, flops, bytes, graph?) per shape of issue 7.
+
+    The references are fp32 matmuls of the dequantized operands in TF32 (seconds in full fp32 at these
+    sizes): an error floor near 1e-7, far below what a broken configuration shows.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = True
+    e = 32
+    counts = imbalanced(e, 8192 // e)
+    m = sum(counts)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    shapes = [(4096, 7168), (7168, 2048)]
+    for n, k in shapes:
+        w, ws = expert_weights(e, n, k)
+        xq, xs = quant_fp8_act(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        want = moe_gemm.grouped_fp8_gemm_contiguous_ref(xq, xs, w, ws, offsets)
+        yield (
+            f"contiguous E={e} m={m} n={n} k={k}",
+            lambda xq=xq, xs=xs, w=w, ws=ws: moe_gemm.grouped_fp8_gemm_contiguous(xq, xs, w, ws, offsets),
+            want,
+            None,
+            2 * m * n * k,
+            e * n * k + m * k + 2 * m * n,
+            False,
+        )
+        del want
+        for max_m in [8, 32, 64] if not quick else [32]:
+            mc = imbalanced(e, max(1, (3 * max_m) // 4), cap=max_m)
+            cnt = torch.tensor(mc, dtype=torch.int32, device="cuda")
+            mq, ms = quant_fp8_act(torch.randn(e * max_m, k, device="cuda", dtype=torch.bfloat16))
+            mq, ms = mq.view(e, max_m, k), ms.view(e, max_m, -1)
+            valid = torch.arange(max_m, device="cuda")[None, :] < cnt[:, None]
+            want = moe_gemm.grouped_fp8_gemm_masked_ref(mq, ms, w, ws, cnt)
+            yield (
+                f"masked E={e} max_m={max_m} m={sum(mc)} n={n} k={k}",
+                lambda mq=mq, ms=ms, w=w, ws=ws, cnt=cnt: moe_gemm.grouped_fp8_gemm_masked(
+                    mq, ms, w, ws, cnt
+                ),
+                want,
+                valid,
+                2 * sum(mc) * n * k,
+                e * n * k,
+                True,
+            )
+        del w, ws
+    for n, k in [(24576, 1536), (7168, 16384), (2112, 7168)] if not quick else [(7168, 16384)]:
+        w, ws = expert_weights(1, n, k)
+        for dm in (32, 4096):
+            xq, xs = quant_fp8_act(torch.randn(dm, k, device="cuda", dtype=torch.bfloat16))
+            want = fp8_gemm_ref(xq, xs, w[0], ws[0])
+            yield (
+                f"dense m={dm} n={n} k={k}",
+                lambda xq=xq, xs=xs, w=w, ws=ws: fp8_gemm(xq, xs, w[0], ws[0]),
+                want,
+                None,
+                2 * dm * n * k,
+                n * k + dm * k + 2 * dm * n,
+                False,
+            )
+
+
+def sweep(ceil, quick: bool, skip_names: list[str]) -> list[dict]:
+    """Every configuration x raster order on every sweep case; prints one row per (case, config)."""
+    assert cuda_ops_available(), "--sweep needs the nmoe._C extension"  # loads it: the knobs live there
+    ops = torch.ops.nmoe
+    count = ops._fp8_gemm_override(-1, -1)
+    names = [ops._fp8_gemm_config(i) for i in range(count)]
+    skip = {names.index(n) for n in skip_names if n in names}
+    print(
+        "| case | config | raster | ms | graph ms | TFLOP/s | GB/s | of HBM | err |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = []
+    for name, fn, want, valid, flops, nbytes, graph in sweep_cases(quick):
+        for cfg in [-1, *range(count)]:
+            for raster in (0, 1) if cfg >= 0 and not name.startswith("dense") else (-1,):
+                if cfg in skip:
+                    continue
+                ops._fp8_gemm_override(cfg, raster)
+                try:
+                    out = fn()
+                    e = err(out[valid], want[valid]) if valid is not None else err(out, want)
+                    ms = median_ms(fn)
+                    gms = graph_ms(fn) if graph else None
+                except RuntimeError as exc:  # a configuration CUTLASS rejects for this shape
+                    print(f"| {name} | {names[cfg] if cfg >= 0 else 'auto'} | failed: {str(exc)[:100]} |")
+                    continue
+                finally:
+                    ops._fp8_gemm_override(-1, -1)
+                best = gms if gms is not None else ms
+                r = {
+                    "case": name,
+                    "config": names[cfg] if cfg >= 0 else "auto",
+                    "raster": "MN"[raster] if raster >= 0 else "-",
+                    "ms": ms,
+                    "graph_ms": gms,
+                    "TFLOPs": flops / best / 1e9,
+                    "GBps": nbytes / best / 1e6,
+                    "frac_hbm": nbytes / best / 1e6 / ceil["hbm_copy_GBps"],
+                    "err": e,
+                }
+                rows.append(r)
+                print(
+                    f"| {name} | {r['config']} | {r['raster']} | {ms:.4f} | "
+                    f"{'-' if gms is None else f'{gms:.4f}'} | {r['TFLOPs']:.0f} | {r['GBps']:.0f} | "
+                    f"{r['frac_hbm']:.2f} | {e:.1e} |",
+                    flush=True,
+                )
+        del fn, want, valid
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the rows and ceilings here")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--sweep", action="store_true", help="time every GEMM configuration instead")
+    parser.add_argument("--skip", default="", help="--sweep: comma-separated configurations to leave out")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -226,6 +350,12 @@ def main() -> None:
     print(
         f"ceilings: HBM copy {ceil['hbm_copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s\n"
     )
+    if args.sweep:
+        rows = sweep(ceil, args.quick, [n for n in args.skip.split(",") if n])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ceilings": ceil, "sweep": rows}, f, indent=1)
+        return
     print(
         "| op | shape | ours ms | ours ms (graph) | TFLOP/s | GB/s | of bf16 mm | of HBM | "
         "scaled_mm loop ms | bf16 ms |\n|---|---|---|---|---|---|---|---|---|---|"

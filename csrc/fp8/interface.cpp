@@ -135,7 +135,8 @@ void launch_grouped(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
   p.sm_count = sm_count(xq.get_device());
-  const size_t bytes = grouped_gemm_workspace_bytes_sm90(groups, p.sm_count);
+  select_gemm_config_sm90(p);
+  const size_t bytes = grouped_gemm_workspace_bytes_sm90(p);
   const at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, xq.options().dtype(at::kByte));
   p.workspace = workspace.data_ptr();
   check_launch(grouped_gemm_sm90(p, c10::cuda::getCurrentCUDAStream(xq.get_device()).stream()));
@@ -233,5 +234,11 @@ at::Tensor grouped_fp8_gemm_masked(const at::Tensor& xq, const at::Tensor& xs, c
                  counts.data_ptr<int32_t>());
   return out;
 }
+
+int64_t gemm_override(int64_t config, int64_t raster) {
+  return set_gemm_override(static_cast<int>(config), static_cast<int>(raster));
+}
+
+std::string gemm_config(int64_t config) { return gemm_config_name(static_cast<int>(config)); }
 
 }  // namespace nmoe::fp8

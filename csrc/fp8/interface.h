@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <tuple>
 
 namespace nmoe::fp8 {
@@ -25,5 +26,11 @@ at::Tensor grouped_fp8_gemm_contiguous(const at::Tensor& xq, const at::Tensor& x
 // rows >= counts[g] of group g are not written. No host synchronisation (CUDA-graph capturable).
 at::Tensor grouped_fp8_gemm_masked(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w,
                                    const at::Tensor& ws, const at::Tensor& counts);
+
+// Benchmarks and tests: force the GEMM configuration (-1: automatic) and raster order (-1: default,
+// 0: along M, 1: along N) of later calls; returns the number of configurations.
+int64_t gemm_override(int64_t config, int64_t raster);
+// The name of configuration `config` ("" if out of range).
+std::string gemm_config(int64_t config);
 
 }  // namespace nmoe::fp8

@@ -56,12 +56,45 @@ struct GroupedGemmParams {
   int m;  // kDense, kContiguous: rows of A; kMasked: max_m (rows per group)
   int n;
   int k;
-  int sm_count;     // CTAs of the persistent grid
-  void* workspace;  // device, grouped_gemm_workspace_bytes(num_groups, sm_count) bytes
+  int sm_count;        // CTAs of the persistent grid
+  int config;          // GemmConfig, from select_gemm_config_sm90
+  bool raster_along_n; // tile order of the persistent scheduler (false: consecutive tiles go along M)
+  void* workspace;     // device, grouped_gemm_workspace_bytes_sm90(p) bytes
 };
 
-size_t grouped_gemm_workspace_bytes_sm90(int num_groups, int sm_count);
+// The sm90 kernel configurations, one CUTLASS instantiation each (csrc/fp8/sm90/gemm_<name>.cu).
+// Names: n = CUTLASS's A operand is the activations, s = swapped (A is the weights, the tokens are
+// the MMA's N); then tile M x N (K is always 128, the scale block); all cooperative; c12 = a 1x2
+// thread-block cluster with TMA multicast. gemm_dispatch.cpp says which serves which call.
+#define NMOE_FP8_GEMM_CONFIGS(X) \
+  X(n128x128)                    \
+  X(n128x128c12)                 \
+  X(s256x64)                     \
+  X(s256x32)                     \
+  X(s256x16)
+
+#define NMOE_FP8_DECLARE_GEMM_CONFIG(name)                          \
+  size_t gemm_workspace_##name(int num_groups, int sm_count);      \
+  const char* gemm_run_##name(const GroupedGemmParams& p, cudaStream_t stream);
+NMOE_FP8_GEMM_CONFIGS(NMOE_FP8_DECLARE_GEMM_CONFIG)
+#undef NMOE_FP8_DECLARE_GEMM_CONFIG
+
+enum GemmConfig : int {
+#define NMOE_FP8_GEMM_ENUM(name) kGemm_##name,
+  NMOE_FP8_GEMM_CONFIGS(NMOE_FP8_GEMM_ENUM)
+#undef NMOE_FP8_GEMM_ENUM
+      kNumGemmConfigs
+};
+
+// Picks the configuration (and raster order) for p's layout and the row counts the host knows
+// (m, num_groups, max_m); honours set_gemm_override. Fills p.config and p.raster_along_n.
+void select_gemm_config_sm90(GroupedGemmParams& p);
+size_t grouped_gemm_workspace_bytes_sm90(const GroupedGemmParams& p);
 const char* grouped_gemm_sm90(const GroupedGemmParams& p, cudaStream_t stream);
+// Benchmarks and tests: force a configuration (-1: automatic) and raster order (-1: the config's
+// own, 0: along M, 1: along N) for every later call in this process. Returns the configuration count.
+int set_gemm_override(int config, int raster);
+const char* gemm_config_name(int config);
 
 const char* act_quant(const ActQuantParams& p, cudaStream_t stream);
 const char* silu_mul_quant(const SiluMulQuantParams& p, cudaStream_t stream);

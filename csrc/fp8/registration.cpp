@@ -9,6 +9,9 @@ TORCH_LIBRARY_FRAGMENT(nmoe, m) {
   m.def("fp8_gemm(Tensor xq, Tensor xs, Tensor w, Tensor ws) -> Tensor");
   m.def("grouped_fp8_gemm_contiguous(Tensor xq, Tensor xs, Tensor w, Tensor ws, Tensor offsets) -> Tensor");
   m.def("grouped_fp8_gemm_masked(Tensor xq, Tensor xs, Tensor w, Tensor ws, Tensor counts) -> Tensor");
+  // Benchmark/test knobs (no tensors, so one kernel for every backend).
+  m.def("_fp8_gemm_override(int config, int raster) -> int", &nmoe::fp8::gemm_override);
+  m.def("_fp8_gemm_config(int config) -> str", &nmoe::fp8::gemm_config);
 }
 
 TORCH_LIBRARY_IMPL(nmoe, CUDA, m) {

@@ -38,6 +38,30 @@ V3_SHAPES = [
 cuda = pytest.mark.skipif(not cuda_ops_available(), reason="needs a CUDA GPU and the nmoe._C extension")
 
 
+def _gemm_configs() -> list[str]:
+    """Names of the GEMM kernel configurations compiled into nmoe._C (none without the extension)."""
+    if not cuda_ops_available():
+        return []
+    count = torch.ops.nmoe._fp8_gemm_override(-1, -1)
+    return [torch.ops.nmoe._fp8_gemm_config(i) for i in range(count)]
+
+
+GEMM_CONFIGS = _gemm_configs()
+
+
+class forced_gemm_config:
+    """Within the block every GEMM call uses configuration `name` (the automatic choice is skipped)."""
+
+    def __init__(self, name: str):
+        self.index = GEMM_CONFIGS.index(name)
+
+    def __enter__(self):
+        torch.ops.nmoe._fp8_gemm_override(self.index, -1)
+
+    def __exit__(self, *exc):
+        torch.ops.nmoe._fp8_gemm_override(-1, -1)
+
+
 def diff(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double(), y.double()
     denom = (x * x + y * y).sum()
@@ -184,6 +208,23 @@ def test_quant_fp8_act_row_strided():
 
 
 @cuda
+def test_quant_fp8_act_every_bf16_value():
+    """Every finite bf16 value, in groups of similar magnitude (so every scale range is hit) and
+    shuffled (huge and tiny values in one group), signed zeros included: bit-exact with the CPU path."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    vals = bits.view(torch.bfloat16)
+    vals = vals[torch.isfinite(vals.float())]
+    by_magnitude = vals[vals.float().abs().argsort(stable=True)].view(-1, 128)
+    gen = torch.Generator().manual_seed(17)
+    shuffled = vals[torch.randperm(vals.numel(), generator=gen)].view(-1, 128)
+    x = torch.cat([by_magnitude, shuffled]).reshape(-1, 512)
+    q, s = quant_fp8_act(x.cuda())
+    rq, rs = quant_fp8_act_ref(x)
+    assert torch.equal(s.cpu(), rs)
+    assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
+
+
+@cuda
 def test_quant_fp8_act_rejections():
     wide = torch.zeros(9, 1024, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError, match="x must have unit stride"):
@@ -306,18 +347,61 @@ def test_grouped_masked_decode(n, k, max_m):
 
 
 @cuda
-def test_masked_equals_contiguous_kernel():
+@pytest.mark.parametrize("config", GEMM_CONFIGS or ["none"])
+def test_masked_equals_contiguous_kernel(config):
+    """One kernel configuration on the two layouts of the same rows: bitwise equal."""
     counts = [5, 0, 64, 17]
     xq, xs, w, ws, offsets = _grouped_case(4, 2048, 1024, counts, "cuda", 13)
-    contiguous = moe_gemm.grouped_fp8_gemm_contiguous(xq, xs, w, ws, offsets)
     mq, ms = to_masked(xq, xs, counts, 64)
-    masked = moe_gemm.grouped_fp8_gemm_masked(
-        mq, ms, w, ws, torch.tensor(counts, dtype=torch.int32, device="cuda")
-    )
+    with forced_gemm_config(config):
+        contiguous = moe_gemm.grouped_fp8_gemm_contiguous(xq, xs, w, ws, offsets)
+        masked = moe_gemm.grouped_fp8_gemm_masked(
+            mq, ms, w, ws, torch.tensor(counts, dtype=torch.int32, device="cuda")
+        )
     row = 0
     for g, c in enumerate(counts):
         torch.testing.assert_close(masked[g, :c], contiguous[row : row + c], rtol=0, atol=0)
         row += c
+
+
+@cuda
+@pytest.mark.parametrize("config", GEMM_CONFIGS or ["none"])
+def test_every_gemm_config(config):
+    """Each compiled configuration, whichever shapes the automatic choice gives it: contiguous rows
+    with odd and empty groups and a padded tail, masked rows with NaN scales past the counts, a
+    dense call with partial n and k blocks."""
+    counts = [1, 0, 129, 7, 0, 255, 64, 65]
+    xq, xs, w, ws, offsets = _grouped_case(len(counts), 576, 512, counts, "cuda", 21)
+    m = sum(counts)
+    xq_pad, xs_pad = torch.cat([xq, xq[:5]]), torch.cat([xs, xs[:5]])
+    mcounts = [0, 40, 1, 17, 33, 8]
+    mxq, mxs, mw, mws, _ = _grouped_case(len(mcounts), 1024, 2048, mcounts, "cuda", 22)
+    mq, ms = to_masked(mxq, mxs, mcounts, 40)
+    cnt = torch.tensor(mcounts, dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    dq, ds = quant_fp8_act(rand_act(45, 320, "cuda", gen))
+    dw, dws = rand_weights(1, 136, 320, "cuda", gen)
+    with forced_gemm_config(config):
+        poison_allocator(xq_pad.shape[0] * 576)
+        out = moe_gemm.grouped_fp8_gemm_contiguous(xq_pad, xs_pad, w, ws, offsets)
+        poison_allocator(len(mcounts) * 40 * 1024)
+        mout = moe_gemm.grouped_fp8_gemm_masked(mq, ms, mw, mws, cnt)
+        dout = fp8_gemm(dq, ds, dw[0], dws[0])
+    want = moe_gemm.grouped_fp8_gemm_contiguous_ref(xq_pad, xs_pad, w, ws, offsets)
+    assert torch.isfinite(out[:m]).all()
+    row = 0
+    for g, c in enumerate(counts):
+        if c:
+            assert diff(out[row : row + c], want[row : row + c]) < DIFF_MAX, (
+                f"contiguous expert {g} ({c} rows)"
+            )
+        row += c
+    mwant = moe_gemm.grouped_fp8_gemm_masked_ref(mq, ms, mw, mws, cnt)
+    for g, c in enumerate(mcounts):
+        if c:
+            assert torch.isfinite(mout[g, :c]).all(), f"masked expert {g}"
+            assert diff(mout[g, :c], mwant[g, :c]) < DIFF_MAX, f"masked expert {g} ({c} rows)"
+    assert diff(dout, fp8_gemm_ref(dq, ds, dw[0], dws[0])) < DIFF_MAX
 
 
 @cuda

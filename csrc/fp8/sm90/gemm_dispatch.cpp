@@ -1,0 +1,79 @@
+// Chooses the sm90 grouped-GEMM configuration per call and forwards to its translation unit.
+//
+// The choice uses only what the host knows without a synchronisation: the layout, m, n, k and the
+// group count (for the masked layout m is max_m, an upper bound of every group's rows).
+#include <atomic>
+
+#include "fp8/params.h"
+
+namespace nmoe::fp8 {
+namespace {
+
+struct ConfigEntry {
+  const char* name;
+  size_t (*workspace)(int num_groups, int sm_count);
+  const char* (*run)(const GroupedGemmParams& p, cudaStream_t stream);
+};
+
+constexpr ConfigEntry kConfigs[] = {
+#define NMOE_FP8_GEMM_ENTRY(name) {#name, &gemm_workspace_##name, &gemm_run_##name},
+    NMOE_FP8_GEMM_CONFIGS(NMOE_FP8_GEMM_ENTRY)
+#undef NMOE_FP8_GEMM_ENTRY
+};
+static_assert(sizeof(kConfigs) / sizeof(kConfigs[0]) == kNumGemmConfigs);
+
+std::atomic<int> g_override_config{-1};
+std::atomic<int> g_override_raster{-1};
+
+// Rows per group that a call multiplies, as far as the host knows: max_m for the masked layout
+// (an upper bound), the mean for the contiguous one.
+int rows_per_group(const GroupedGemmParams& p) {
+  if (p.layout == GroupLayout::kContiguous) return (p.m + p.num_groups - 1) / p.num_groups;
+  return p.m;
+}
+
+int auto_config(const GroupedGemmParams& p) {
+  const int rows = rows_per_group(p);
+  // Few rows per group (decode): the weights are streamed once and the MMA is mostly idle, so the
+  // swapped kernels (weight rows on the MMA's M, a token tile of 16..64) lose nothing to row
+  // padding and keep a 256-row weight tile in flight per CTA: 84-98% of the copy bandwidth in a
+  // CUDA graph on the masked decode shapes, where the 128x128 kernel reached 64-76%.
+  if (rows <= 16) return kGemm_s256x16;
+  if (rows <= 32) return kGemm_s256x32;
+  if (rows <= 64) return kGemm_s256x64;
+  // Many rows: 128x128 tiles. For the expert groups the 1x2 cluster (the activation tile
+  // multicast to both CTAs, a quarter less L2-to-SM traffic) measured 617 / 361 us on the two
+  // prefill shapes against 656 / 364 us without; the dense shapes 1-3% slower with it (H200, the
+  // two in separate runs: docs/kernels.md).
+  return p.layout == GroupLayout::kDense ? kGemm_n128x128 : kGemm_n128x128c12;
+}
+
+}  // namespace
+
+void select_gemm_config_sm90(GroupedGemmParams& p) {
+  const int forced = g_override_config.load(std::memory_order_relaxed);
+  p.config = forced >= 0 && forced < kNumGemmConfigs ? forced : auto_config(p);
+  const int raster = g_override_raster.load(std::memory_order_relaxed);
+  p.raster_along_n = raster == 1;
+}
+
+size_t grouped_gemm_workspace_bytes_sm90(const GroupedGemmParams& p) {
+  return kConfigs[p.config].workspace(p.num_groups, p.sm_count);
+}
+
+const char* grouped_gemm_sm90(const GroupedGemmParams& p, cudaStream_t stream) {
+  if (p.config < 0 || p.config >= kNumGemmConfigs) return "grouped_gemm_sm90: bad configuration index";
+  return kConfigs[p.config].run(p, stream);
+}
+
+int set_gemm_override(int config, int raster) {
+  g_override_config.store(config, std::memory_order_relaxed);
+  g_override_raster.store(raster, std::memory_order_relaxed);
+  return kNumGemmConfigs;
+}
+
+const char* gemm_config_name(int config) {
+  return config >= 0 && config < kNumGemmConfigs ? kConfigs[config].name : "";
+}
+
+}  // namespace nmoe::fp8

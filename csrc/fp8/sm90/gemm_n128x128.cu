@@ -1,0 +1,6 @@
+// One configuration of the grouped FP8 GEMM (grouped_gemm.cuh), in its own translation unit so that
+// the CUTLASS instantiations compile in parallel. Tile 128x128, cooperative (2 consumer warpgroups
+// of 64 rows): fp8_gemm with more than 64 rows.
+#include "fp8/sm90/grouped_gemm.cuh"
+
+NMOE_FP8_DEFINE_GEMM_CONFIG(n128x128, 128, 128, false, 1, 1, false)

@@ -1,0 +1,6 @@
+// One configuration of the grouped FP8 GEMM (grouped_gemm.cuh), in its own translation unit so that
+// the CUTLASS instantiations compile in parallel. Swapped: 256 weight rows x 32 tokens per tile,
+// cooperative: up to 32 rows per group.
+#include "fp8/sm90/grouped_gemm.cuh"
+
+NMOE_FP8_DEFINE_GEMM_CONFIG(s256x32, 256, 32, false, 1, 1, true)

@@ -10,6 +10,8 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "attention/params.h"
@@ -47,11 +49,31 @@ int sm_count(int device) {
   return cache[device];
 }
 
+// Which split kernel runs (MlaDecodeImpl). -1: the wgmma kernel only where NMOE_MLA_WGMMA asks for it
+// (read on every call, so a change of the variable takes effect at once; a CUDA graph keeps the
+// kernel it captured) and H >= 64, else mma.sync. An explicit wgmma variant with fewer heads is an
+// error rather than a silent fallback, so a test of the wgmma path cannot pass on the other kernel.
+int resolve_impl(int64_t variant, int64_t heads) {
+  TORCH_CHECK(variant >= -1 && variant <= 3, kOp, ": variant must be -1 (auto), 0 (mma.sync), 1 (wgmma), 2 (wgmma,",
+              " eager schedule) or 3 (wgmma with consumer proxy fences), got ", variant);
+  if (variant == -1) {
+    const char* env = std::getenv("NMOE_MLA_WGMMA");
+    if (env == nullptr || heads < kMlaWgmmaMinHeads) return kMlaImplMma;
+    if (std::strcmp(env, "1") == 0) return kMlaImplWgmma;
+    if (std::strcmp(env, "2") == 0) return kMlaImplWgmmaEager;
+    if (std::strcmp(env, "3") == 0) return kMlaImplWgmmaFenced;
+    return kMlaImplMma;
+  }
+  TORCH_CHECK(variant == 0 || heads >= kMlaWgmmaMinHeads, kOp, ": the wgmma variant needs at least ",
+              kMlaWgmmaMinHeads, " heads, got ", heads);
+  return static_cast<int>(variant);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const at::Tensor& cache,
                                                     const at::Tensor& block_table, const at::Tensor& seq_lens,
-                                                    double softmax_scale) {
+                                                    double softmax_scale, int64_t variant) {
   check_tensor("q", q, at::kBFloat16, 3, q);
   check_tensor("cache", cache, at::kBFloat16, 3, q);
   check_tensor("block_table", block_table, at::kInt, 2, q);
@@ -70,6 +92,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const a
   const int64_t max_pages = block_table.size(1);
   TORCH_CHECK(max_pages * page_size <= std::numeric_limits<int32_t>::max() && batch <= 65535 && heads <= 65535, kOp,
               ": sizes out of range: q ", q.sizes(), ", block_table ", block_table.sizes());
+
+  const int impl = resolve_impl(variant, heads);
 
   c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({batch, heads, kLoraRank}, q.options());
@@ -95,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const a
   p.token_stride = cache.stride(1);
   p.block_table_stride = block_table.stride(0);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.impl = impl;
   p.num_splits = mla_decode_num_splits(p.batch, p.heads, p.max_pages * p.page_size, sm_count(q.get_device()));
 
   at::Tensor part_out, part_lse;

@@ -9,8 +9,11 @@ namespace nmoe::attention {
 
 // q [B, H, 576] bf16, cache [P, page, 576] bf16, block_table [B, max_pages] int32, seq_lens [B] int32
 // -> (out [B, H, 512] bf16, lse [B, H] fp32).
+// variant: -1 = automatic (the mma.sync kernel, or the wgmma kernel when NMOE_MLA_WGMMA is "1"
+// (deferred schedule), "2" (eager schedule) or "3" (deferred with consumer proxy fences) and
+// H >= 64), 0 = mma.sync, 1 / 2 / 3 = that wgmma variant (H >= 64 only).
 std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const at::Tensor& cache,
                                                     const at::Tensor& block_table, const at::Tensor& seq_lens,
-                                                    double softmax_scale);
+                                                    double softmax_scale, int64_t variant);
 
 }  // namespace nmoe::attention

@@ -10,6 +10,14 @@
 //   lse         fp32 [batch, heads]           contiguous, natural log; -inf for length 0
 //   part_out    fp32 [batch, splits, heads, 512], part_lse fp32 [batch, splits, heads] when splits > 1
 // Launchers return nullptr on success, else a static message naming what failed.
+//
+// Two split kernels share the partition, the partial outputs and the combine kernel:
+//   kMlaImplMma    mma.sync m16n8k16, any head count (sm90/mla_decode_kernel.cuh), the default;
+//   kMlaImplWgmma  wgmma, 64 heads per CTA, heads >= 64 (sm90/mla_decode_wgmma.cuh), PV of the
+//                  upper 256 columns deferred behind the next tile's QK; kMlaImplWgmmaEager issues
+//                  it as soon as P is stored; kMlaImplWgmmaFenced is the deferred one with a
+//                  fence.proxy.async after each wait for cp.async data (a diagnostic). Not yet
+//                  verified on a GPU: opt-in only.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -42,12 +50,20 @@ struct MlaDecodeParams {
   int64_t token_stride;
   int64_t block_table_stride;
   float scale_log2;  // softmax_scale * log2(e): scores are kept in base 2
+  int impl;          // MlaDecodeImpl: which split kernel runs
 };
+
+enum MlaDecodeImpl : int { kMlaImplMma = 0, kMlaImplWgmma = 1, kMlaImplWgmmaEager = 2, kMlaImplWgmmaFenced = 3 };
+constexpr int kMlaWgmmaMinHeads = 64;  // the wgmma kernel computes 64 heads per CTA
 
 // How many KV splits per (sequence, head block) fill `sm_count` multiprocessors, given only the
 // shapes (no host read of seq_lens, so the choice is CUDA-graph safe).
 int mla_decode_num_splits(int batch, int heads, int max_len, int sm_count);
 
 const char* mla_decode_paged_launch(const MlaDecodeParams& p, cudaStream_t stream);
+
+// The wgmma split kernel alone (sm90/mla_decode_wgmma.cu); mla_decode_paged_launch calls it for
+// p.impl != kMlaImplMma and runs the combine kernel after it.
+const char* mla_decode_wgmma_launch_split(const MlaDecodeParams& p, cudaStream_t stream);
 
 }  // namespace nmoe::attention

@@ -5,8 +5,8 @@
 
 TORCH_LIBRARY_FRAGMENT(nmoe, m) {
   m.def(
-      "mla_decode_paged(Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, float softmax_scale)"
-      " -> (Tensor, Tensor)");
+      "mla_decode_paged(Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, float softmax_scale,"
+      " int variant=-1) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nmoe, CUDA, m) { m.impl("mla_decode_paged", &nmoe::attention::mla_decode_paged); }

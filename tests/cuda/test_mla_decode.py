@@ -7,6 +7,12 @@ unwritten by mistake shows up as NaN. Criteria, per case (rows of length > 0):
   out:  |out - ref| <= 1e-2 + 2e-2 |ref| elementwise (bf16 output, P rounded to bf16);
         per (sequence, head) cosine >= 0.999; global 1 - 2<x,y> / (|x|^2 + |y|^2) <= 1e-4
   length 0: out exactly 0, lse = -inf.
+
+The wgmma kernel (variant 1: deferred schedule, 2: eager, 3: deferred with a proxy fence after
+each wait for cp.async data, a diagnostic; 64 heads per CTA, H >= 64) runs the same matrix forced
+on through the op's `variant` argument; it must also be bitwise deterministic (a missing barrier
+shows up as run-to-run differences) and selected by NMOE_MLA_WGMMA only where it applies.
+scripts/gpu_check_mla.sh runs these on the GPU machine.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from nmoe.serve.ops.attention import mla_decode_paged_ref
 
 R, D = 512, 64
 HUGE_PAGE = 2**31 - 1
+WGMMA = [1, 2, 3]  # the wgmma kernel: deferred, eager, deferred + consumer proxy fences
 
 
 def _ops():
@@ -63,11 +70,17 @@ def poison_allocator(nbytes: int):
     torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda").fill_(float("nan"))
 
 
-def check(ops, lengths, heads, page_size, seed=0, q_padded=False):
+def run_op(ops, q, cache, table, seq_lens, scale, variant=None):
+    if variant is None:
+        return ops.mla_decode_paged(q, cache, table, seq_lens, scale)
+    return ops.mla_decode_paged(q, cache, table, seq_lens, scale, variant)
+
+
+def check(ops, lengths, heads, page_size, seed=0, q_padded=False, variant=None):
     q, cache, table, seq_lens = make_case(lengths, heads, page_size, seed, q_padded)
     scale = 192**-0.5
     poison_allocator(len(lengths) * heads * (R * 2 + 4) * 2)
-    out, lse = ops.mla_decode_paged(q, cache, table, seq_lens, scale)
+    out, lse = run_op(ops, q, cache, table, seq_lens, scale, variant)
     torch.cuda.synchronize()
     # The kernel reads the poisoned cache; the reference gets the poison zeroed (valid slots are never
     # NaN), so a NaN in the output can only come from the kernel reading a slot it must not.
@@ -142,3 +155,92 @@ def test_rejects_bad_inputs():
         ops.mla_decode_paged(q, cache, table.long(), seq_lens, 0.1)
     with pytest.raises(RuntimeError, match="cache must be"):
         ops.mla_decode_paged(q, cache[..., :512], table, seq_lens, 0.1)
+
+
+# ---- the wgmma kernel (forced on; the default path above stays mma.sync) ----
+
+
+@pytest.mark.parametrize("variant", WGMMA)
+def test_wgmma_smoke(variant):
+    """A small case first, so a hang or a fault shows up before the long matrix."""
+    ops = _ops()
+    check(ops, [1, 65, 200, 1000], 128, 64, seed=3, variant=variant)
+
+
+@pytest.mark.parametrize("variant", WGMMA)
+@pytest.mark.parametrize("heads", [64, 100, 128])
+@pytest.mark.parametrize("page_size", [16, 17, 48, 64, 100, 128])
+def test_wgmma_mixed_lengths(heads, page_size, variant):
+    ops = _ops()
+    lengths = [0, 1, 7, 63, 64, 65, 200, 1000, 2049, 0, 5000]
+    check(ops, lengths, heads, page_size, seed=heads * 131 + page_size, variant=variant)
+
+
+@pytest.mark.parametrize("variant", WGMMA)
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_wgmma_split_kv(batch, variant):
+    ops = _ops()
+    g = torch.Generator().manual_seed(batch)
+    lengths = torch.randint(1, 32768, (batch,), generator=g).tolist()
+    lengths[0] = 32768
+    check(ops, lengths, 128, 64, seed=batch, variant=variant)
+    check(ops, lengths, 64, 48, seed=batch + 50, variant=variant)
+
+
+@pytest.mark.parametrize("variant", WGMMA)
+def test_wgmma_batch_256_lengths_to_32k(variant):
+    ops = _ops()
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(0, 4096, (256,), generator=g)
+    lengths[::37] = 0
+    lengths[5::41] = torch.randint(8192, 32769, (len(lengths[5::41]),), generator=g)
+    check(ops, lengths.tolist(), 128, 64, seed=7, variant=variant)
+
+
+@pytest.mark.parametrize("variant", WGMMA)
+def test_wgmma_all_empty_and_strided_q(variant):
+    ops = _ops()
+    check(ops, [0, 0, 0], 128, 64, variant=variant)
+    check(ops, [10, 300, 0, 4000], 100, 64, q_padded=True, variant=variant)
+
+
+@pytest.mark.parametrize("variant", WGMMA)
+def test_wgmma_deterministic(variant):
+    """Same inputs, same bits, every time: a race on the shared-memory stages or on P would not be."""
+    ops = _ops()
+    for lengths, page in (([3000, 64, 1, 777], 64), ([40000], 16)):
+        q, cache, table, seq_lens = make_case(lengths, 128, page, seed=11)
+        first = run_op(ops, q, cache, table, seq_lens, 0.1, variant)
+        for _ in range(4):
+            again = run_op(ops, q, cache, table, seq_lens, 0.1, variant)
+            assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+def test_wgmma_env_selection(monkeypatch):
+    """NMOE_MLA_WGMMA picks the kernel of the default call, only where H >= 64."""
+    ops = _ops()
+    lengths = [500, 3000]
+    q, cache, table, seq_lens = make_case(lengths, 128, 64, seed=5)
+    q16, cache16, table16, seq_lens16 = make_case(lengths, 16, 64, seed=6)
+    ref = {v: run_op(ops, q, cache, table, seq_lens, 0.1, v) for v in (0, 1, 2, 3)}
+    ref16 = run_op(ops, q16, cache16, table16, seq_lens16, 0.1, 0)
+    for env, v in ((None, 0), ("0", 0), ("1", 1), ("2", 2), ("3", 3), ("yes", 0)):
+        if env is None:
+            monkeypatch.delenv("NMOE_MLA_WGMMA", raising=False)
+        else:
+            monkeypatch.setenv("NMOE_MLA_WGMMA", env)
+        out, lse = run_op(ops, q, cache, table, seq_lens, 0.1)
+        assert torch.equal(out, ref[v][0]) and torch.equal(lse, ref[v][1]), f"NMOE_MLA_WGMMA={env}"
+        out16, lse16 = run_op(ops, q16, cache16, table16, seq_lens16, 0.1)  # 16 heads: always mma.sync
+        assert torch.equal(out16, ref16[0]) and torch.equal(lse16, ref16[1]), (
+            f"NMOE_MLA_WGMMA={env}, 16 heads"
+        )
+
+
+def test_wgmma_rejects_few_heads_and_bad_variant():
+    ops = _ops()
+    q, cache, table, seq_lens = make_case([5], 16, 64)
+    with pytest.raises(RuntimeError, match="at least 64 heads"):
+        ops.mla_decode_paged(q, cache, table, seq_lens, 0.1, 1)
+    with pytest.raises(RuntimeError, match="variant must be"):
+        ops.mla_decode_paged(q, cache, table, seq_lens, 0.1, 4)

@@ -3,9 +3,14 @@
 
 #include "attention/params.h"
 #include "attention/sm90/mla_decode_kernel.cuh"
+#include "attention/sm90/mla_decode_wgmma.cuh"
 
 namespace nmoe::attention {
 namespace {
+
+// The split partition below (tiles of kTileN tokens, head blocks of 64 for heads > 32) is shared by
+// the wgmma kernel, and so are the partial outputs and the combine kernel.
+static_assert(sm90_wgmma::kTileN == sm90::kTileN && sm90_wgmma::kHeads == 64, "wgmma and mma.sync partitions");
 
 // Heads per CTA: 16, 32 or 64 (mma m-tiles of 16); more heads run as several head blocks.
 int m_tiles_for(int heads) { return heads <= 16 ? 1 : heads <= 32 ? 2 : 4; }
@@ -47,16 +52,22 @@ int mla_decode_num_splits(int batch, int heads, int max_len, int sm_count) {
 const char* mla_decode_paged_launch(const MlaDecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0) return nullptr;
   const char* err = nullptr;
-  switch (m_tiles_for(p.heads)) {
-    case 1:
-      err = launch_split<1>(p, stream);
-      break;
-    case 2:
-      err = launch_split<2>(p, stream);
-      break;
-    default:
-      err = launch_split<4>(p, stream);
-      break;
+  // The wgmma kernel's 64-head blocks and 64-token tiles are those of the 4-m-tile variant here,
+  // so both see the same split partition (mla_decode_num_splits) and share the combine kernel.
+  if (p.impl != kMlaImplMma) {
+    err = mla_decode_wgmma_launch_split(p, stream);
+  } else {
+    switch (m_tiles_for(p.heads)) {
+      case 1:
+        err = launch_split<1>(p, stream);
+        break;
+      case 2:
+        err = launch_split<2>(p, stream);
+        break;
+      default:
+        err = launch_split<4>(p, stream);
+        break;
+    }
   }
   if (err != nullptr || p.num_splits == 1) return err;
   sm90::mla_decode_combine_kernel<<<dim3(p.heads, p.batch), 128, 0, stream>>>(p);

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #include "attention/params.h"
 
@@ -49,20 +50,23 @@ int sm_count(int device) {
   return cache[device];
 }
 
-// Which split kernel runs (MlaDecodeImpl). -1: the wgmma kernel only where NMOE_MLA_WGMMA asks for it
-// (read on every call, so a change of the variable takes effect at once; a CUDA graph keeps the
-// kernel it captured) and H >= 64, else mma.sync. An explicit wgmma variant with fewer heads is an
-// error rather than a silent fallback, so a test of the wgmma path cannot pass on the other kernel.
+// Which split kernel runs (MlaDecodeImpl). -1 (auto): for H >= 64 the wgmma kernel with the eager
+// schedule (1.8-2.1x mma.sync on the H200 at 128 heads, docs/kernels.md), unless NMOE_MLA_WGMMA
+// picks another (0 mma.sync, 1 deferred, 2 eager, 3 fenced; read on every call, so a change takes
+// effect at once; a CUDA graph keeps the kernel it captured); mma.sync below 64 heads. An explicit
+// wgmma variant with fewer heads is an error rather than a silent fallback, so a test of the wgmma
+// path cannot pass on the other kernel.
 int resolve_impl(int64_t variant, int64_t heads) {
   TORCH_CHECK(variant >= -1 && variant <= 3, kOp, ": variant must be -1 (auto), 0 (mma.sync), 1 (wgmma), 2 (wgmma,",
               " eager schedule) or 3 (wgmma with consumer proxy fences), got ", variant);
   if (variant == -1) {
     const char* env = std::getenv("NMOE_MLA_WGMMA");
-    if (env == nullptr || heads < kMlaWgmmaMinHeads) return kMlaImplMma;
-    if (std::strcmp(env, "1") == 0) return kMlaImplWgmma;
-    if (std::strcmp(env, "2") == 0) return kMlaImplWgmmaEager;
-    if (std::strcmp(env, "3") == 0) return kMlaImplWgmmaFenced;
-    return kMlaImplMma;
+    const std::string choice = env == nullptr ? "2" : env;
+    TORCH_CHECK(choice == "0" || choice == "1" || choice == "2" || choice == "3", kOp,
+                ": NMOE_MLA_WGMMA must be 0 (mma.sync), 1, 2 or 3 (wgmma variants), got '", choice, "'");
+    if (heads < kMlaWgmmaMinHeads) return kMlaImplMma;
+    static constexpr int kImpl[] = {kMlaImplMma, kMlaImplWgmma, kMlaImplWgmmaEager, kMlaImplWgmmaFenced};
+    return kImpl[choice[0] - '0'];
   }
   TORCH_CHECK(variant == 0 || heads >= kMlaWgmmaMinHeads, kOp, ": the wgmma variant needs at least ",
               kMlaWgmmaMinHeads, " heads, got ", heads);

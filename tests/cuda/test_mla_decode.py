@@ -111,7 +111,8 @@ def check(ops, lengths, heads, page_size, seed=0, q_padded=False, variant=None):
 def test_mixed_lengths(heads, page_size):
     ops = _ops()
     lengths = [0, 1, 7, 63, 64, 65, 200, 1000, 2049, 0, 5000]
-    check(ops, lengths, heads, page_size, seed=heads * 131 + page_size)
+    for variant in (None, 0) if heads >= 64 else (None,):  # the default (wgmma at 64+) and mma.sync
+        check(ops, lengths, heads, page_size, seed=heads * 131 + page_size, variant=variant)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
@@ -217,14 +218,14 @@ def test_wgmma_deterministic(variant):
 
 
 def test_wgmma_env_selection(monkeypatch):
-    """NMOE_MLA_WGMMA picks the kernel of the default call, only where H >= 64."""
+    """The default call: the eager wgmma kernel where H >= 64, or the one NMOE_MLA_WGMMA names."""
     ops = _ops()
     lengths = [500, 3000]
     q, cache, table, seq_lens = make_case(lengths, 128, 64, seed=5)
     q16, cache16, table16, seq_lens16 = make_case(lengths, 16, 64, seed=6)
     ref = {v: run_op(ops, q, cache, table, seq_lens, 0.1, v) for v in (0, 1, 2, 3)}
     ref16 = run_op(ops, q16, cache16, table16, seq_lens16, 0.1, 0)
-    for env, v in ((None, 0), ("0", 0), ("1", 1), ("2", 2), ("3", 3), ("yes", 0)):
+    for env, v in ((None, 2), ("0", 0), ("1", 1), ("2", 2), ("3", 3)):
         if env is None:
             monkeypatch.delenv("NMOE_MLA_WGMMA", raising=False)
         else:
@@ -235,6 +236,9 @@ def test_wgmma_env_selection(monkeypatch):
         assert torch.equal(out16, ref16[0]) and torch.equal(lse16, ref16[1]), (
             f"NMOE_MLA_WGMMA={env}, 16 heads"
         )
+    monkeypatch.setenv("NMOE_MLA_WGMMA", "yes")
+    with pytest.raises(RuntimeError, match="NMOE_MLA_WGMMA must be"):
+        run_op(ops, q, cache, table, seq_lens, 0.1)
 
 
 def test_wgmma_rejects_few_heads_and_bad_variant():

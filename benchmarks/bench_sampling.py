@@ -1,7 +1,13 @@
 """Sampling B x V logits: torch.ops.nmoe.sample vs the sort-based torch reference (sample_ref on
 the GPU), beside the time to read the logits once at the copy bandwidth measured in the same run.
 
-    python benchmarks/bench_sampling.py [--batch 256] [--vocab 129280]
+    python benchmarks/bench_sampling.py [--batch 256] [--vocab 129280] [--kernels cluster8,rowwise]
+                                        [--no-baseline]
+
+`kernel us` is the op replayed from a CUDA graph (device time: the op's host side - five output
+allocations and the dispatch - is not in it); `eager us` is back-to-back calls from Python.
+--kernels: one table per sampler, picked through NMOE_SAMPLE_KERNEL (read at every call):
+cluster8 (the default), cluster16, rowwise (the one-CTA-per-row sampler).
 """
 
 from __future__ import annotations
@@ -28,10 +34,35 @@ CASES = [  # name, temperature, top_k, top_p, min_p, num_top_logprobs
 ]
 
 
+def graph_time_us(fn, calls: int = 10, replays: int = 10) -> float | None:
+    """Device time of one fn() from `calls` captured back to back in a CUDA graph; None if capture fails."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e3 / (calls * replays)
+    except RuntimeError as e:
+        print(f"(graph capture failed: {e}; eager times only)", flush=True)
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=129280)
+    ap.add_argument("--kernels", default="cluster8", help="comma-separated: cluster8, cluster16, rowwise")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the sort-based torch reference")
     args = ap.parse_args()
     try:
         import nmoe._C  # noqa: F401
@@ -45,33 +76,43 @@ def main():
     top = torch.randint(0, v, (b, 8), device="cuda", generator=g)
     logits.scatter_add_(1, top, torch.rand(b, 8, device="cuda", generator=g) * 12 + 4)
     read_once = b * v * 4 / bw * 1e6
-    print(
-        f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; B={b} V={v}: "
-        f"reading the logits once takes {read_once:.1f} us"
-    )
-    print("| case | kernel us | x read-once | GB/s (one read) | torch sort-based us | speedup |")
-    print("| --- | --- | --- | --- | --- | --- |")
     seed = torch.arange(b, device="cuda")
     pos = torch.zeros(b, dtype=torch.int64, device="cuda")
-    for name, t, k, p, mp, ntop in CASES:
-        args_ = (
-            logits,
-            torch.full((b,), t, device="cuda"),
-            torch.full((b,), k, dtype=torch.int32, device="cuda"),
-            torch.full((b,), p, device="cuda"),
-            torch.full((b,), mp, device="cuda"),
-            seed,
-            pos,
-            ntop,
-            True,
-        )
-        us = time_us(functools.partial(torch.ops.nmoe.sample, *args_), iters=20)
-        base = time_us(functools.partial(sample_ref, *args_), iters=3, warmup=1)
+    base = {}
+    for kernel in args.kernels.split(","):
+        os.environ["NMOE_SAMPLE_KERNEL"] = kernel
         print(
-            f"| {name} | {us:8.1f} | {us / read_once:5.2f} | {b * v * 4 / us / 1e3:6.0f} | {base:9.1f} |"
-            f" {base / us:5.1f}x |",
-            flush=True,
+            f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; B={b} V={v}: "
+            f"reading the logits once takes {read_once:.1f} us; sampler {kernel}"
         )
+        print(
+            "| case | kernel us | x read-once | GB/s (one read) | eager us | torch sort-based us | speedup |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, t, k, p, mp, ntop in CASES:
+            args_ = (
+                logits,
+                torch.full((b,), t, device="cuda"),
+                torch.full((b,), k, dtype=torch.int32, device="cuda"),
+                torch.full((b,), p, device="cuda"),
+                torch.full((b,), mp, device="cuda"),
+                seed,
+                pos,
+                ntop,
+                True,
+            )
+            op = functools.partial(torch.ops.nmoe.sample, *args_)
+            eager = time_us(op, iters=20)
+            dev = graph_time_us(op)
+            us = dev if dev is not None else eager
+            if name not in base and not args.no_baseline:
+                base[name] = time_us(functools.partial(sample_ref, *args_), iters=3, warmup=1)
+            ref = base.get(name)
+            ref_s = f"{ref:9.1f} | {ref / us:5.1f}x" if ref is not None else "- | -"
+            print(
+                f"| {name} | {us:8.1f} | {us / read_once:5.2f} | {b * v * 4 / us / 1e3:6.0f} | {eager:8.1f} | {ref_s} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ struct SampleParams {
   bool vec4;  // rows start on 16-byte boundaries (float4 loads)
 };
 
+// The cluster sampler where its shape fits (sample_cluster.cu), else the one-CTA-per-row sampler.
 const char* sample_launch(const SampleParams& p, cudaStream_t stream);
+// The one-CTA-per-row sampler for every row (sample.cu).
+const char* sample_rowwise_launch(const SampleParams& p, cudaStream_t stream);
 
 }  // namespace nmoe::sampling

@@ -13,19 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kv_sampling_router import _llm_like_logits, _ops, _ref_p, assert_top_logprobs
+from test_kv_sampling_router import _llm_like_logits, _ops, _params, _ref_p, assert_top_logprobs
 
 from nmoe.serve.ops.sampling import process_logits, sample_ref
-
-
-def _params(b, t, k, p, mp):
-    dev = "cuda"
-    return (
-        torch.full((b,), t, device=dev),
-        torch.full((b,), k, dtype=torch.int32, device=dev),
-        torch.full((b,), p, device=dev),
-        torch.full((b,), mp, device=dev),
-    )
 
 
 def _check(ops, logits, t, k, p, mp, ntop, from_proc, min_match=0.98, ties=False):

@@ -17,6 +17,7 @@ Last line: one JSON object (`ttft_p50_ms`, `ttft_p99_ms`, `itl_p50_ms`, `itl_p99
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,10 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backlog", type=int, default=0, help="long prompts queued at the start")
     ap.add_argument("--backlog-prompt-len", type=int, default=8192)
     ap.add_argument("--probe-rate", type=float, default=0.0, help="extra sessions per second (open loop)")
+    ap.add_argument("--baseline-steps", type=int, default=10,
+                    help="pure decode steps of the C sessions timed first: the ITL without prefill (0: skip)")
     ap.add_argument("--plot", default=None, help="write a PNG of the TTFT and ITL CDFs")
     args = ap.parse_args(argv)
     longest = max(args.prompt_len + args.output_len, args.backlog_prompt_len + 1 if args.backlog else 0) + 2
     live = args.concurrency + args.backlog + int(args.probe_rate * args.duration) + 1
+    longest = max(longest, args.prompt_len + args.baseline_steps + 4)
     pages = live * -(-longest // args.page_size) + 8
     for name, need in (("max_seq_len", longest), ("num_pages", pages), ("max_batch_size", args.concurrency + 8)):
         if getattr(args, name) < need:
@@ -55,6 +59,29 @@ class Track:
     submitted: float
     arrivals: list[float] = field(default_factory=list)
     mixed: list[bool] = field(default_factory=list)  # arrival i came from a step with prefill tokens
+
+
+def pure_decode_steps(engine, args, gen) -> list[float]:
+    """Milliseconds of `--baseline-steps` steps in which the C sessions only decode (their prompts
+    prefilled first): the inter-token latency with no prefill beside it, in this process."""
+    if args.baseline_steps <= 0:
+        return []
+    params = SamplingParams(max_tokens=args.baseline_steps + 4, temperature=0.0, ignore_eos=True)
+    rids = [engine.add_request(random_prompt(gen, args.prompt_len, engine.model_cfg.vocab_size), params)
+            for _ in range(args.concurrency)]
+    times: list[float] = []
+    while len(times) < args.baseline_steps and engine.has_work():
+        before = engine.stats["prefill_tokens"]
+        t0 = time.perf_counter()
+        engine.step()
+        if engine.stats["prefill_tokens"] == before:
+            times.append((time.perf_counter() - t0) * 1e3)
+    for rid in rids:
+        engine.cancel(rid)
+    while engine.has_work():
+        engine.step()
+    engine.pop_finished()
+    return times
 
 
 def main(argv=None) -> int:
@@ -74,6 +101,8 @@ def main(argv=None) -> int:
         engine.step()
     engine.pop_finished()
     del warm
+
+    baseline = pure_decode_steps(engine, args, gen)
 
     t0 = time.perf_counter()
     for _ in range(args.backlog):
@@ -129,6 +158,11 @@ def main(argv=None) -> int:
           + (f"   (probes: p50 {tp['p50']:.1f}  p99 {tp['p99']:.1f})" if args.probe_rate > 0 else ""))
     print(f"ITL ms:  p50 {il['p50']:.2f}  p99 {il['p99']:.2f}  mean {il['mean']:.2f}   "
           f"pure decode p50 {ip['p50']:.2f} / mixed steps p50 {im['p50']:.2f} ({len(itl_mixed)} samples)")
+    bl = summary(baseline)
+    inflation = im["p50"] / bl["p50"] if baseline and itl_mixed else math.nan
+    if baseline:
+        print(f"baseline (the {args.concurrency} sessions decoding, no prefill): step p50 {bl['p50']:.2f} ms; "
+              f"ITL in mixed steps / baseline = {inflation:.2f}x (p50)")
 
     def draw(plt):
         for name, xs in (("TTFT", sorted(ttfts("session") + ttfts("probe"))), ("ITL", sorted(itl_all))):
@@ -145,6 +179,7 @@ def main(argv=None) -> int:
         "probe_ttft_p50_ms": tp["p50"], "probe_ttft_p99_ms": tp["p99"],
         "itl_p50_ms": il["p50"], "itl_p99_ms": il["p99"], "itl_mean_ms": il["mean"],
         "itl_pure_p50_ms": ip["p50"], "itl_mixed_p50_ms": im["p50"], "itl_mixed_p99_ms": im["p99"],
+        "baseline_decode_step_p50_ms": bl["p50"], "itl_inflation_p50": inflation,
         "decode_tok_s": rate, "decode_tok_s_node": rate * n, "steps": steps, "duration_s": elapsed,
         "world_size": n, "device": str(engine.device),
     })

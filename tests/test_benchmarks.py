@@ -168,3 +168,18 @@ def test_fp8_engine_cuda_matches_cpu():
     print(f"fp8 CUDA vs fp32 CPU: identical greedy sequences {same}/{len(cpu)}, max |first logprob diff| {max(first):.3e}")
     assert all(len(b.token_ids) == 12 and all(math.isfinite(x) for x in b.logprobs) for b in gpu)
     assert same >= len(cpu) // 2
+
+
+def test_prefill_flops_count_matches_deepseek_active_parameters():
+    """The prefill floor's FLOP count: at zero context it is 2 x the parameters a token meets in the
+    layers, which with the embedding row and the head is DeepSeek-V3's published 37B activated."""
+    from nmoe.serve.benchmarking import forward_flops_per_token
+    from nmoe.serve.random_weights import deepseek_v3_config
+
+    cfg = deepseek_v3_config()
+    layer_params = forward_flops_per_token(cfg, 0) / 2
+    activated = layer_params + 2 * cfg.vocab_size * cfg.hidden_size  # embedding table and lm_head
+    assert abs(activated / 37e9 - 1) < 0.03, activated
+    # attention adds 2 x heads x (qk + v head dims) per context token and layer
+    extra = forward_flops_per_token(cfg, 1000) - forward_flops_per_token(cfg, 0)
+    assert extra == 2 * 1000 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)

@@ -32,15 +32,23 @@ def graph_buckets(max_batch_size: int) -> list[int]:
     return [b for b in BUCKETS if b < max_batch_size] + [max_batch_size]
 
 
+def exchanging_transport(model: DeepseekV3) -> str | None:
+    """The name of a transport through which `model`'s MoE layers exchange with peers (counts
+    through the host, collectives every rank must enter), or None when every layer is local or on
+    a device-only transport that says `graph_safe` (the loopback)."""
+    for layer in model.layers:
+        t = layer.mlp.transport if isinstance(layer.mlp, MoE) else None
+        if t is not None and not getattr(t, "graph_safe", False):
+            return t.name
+    return None
+
+
 def not_capturable(model: DeepseekV3) -> str | None:
     """Why `model`'s decode forward cannot be captured, or None when it can."""
     if model.weights_format != "fp8":
         return f"weights_format {model.weights_format!r} (the dense expert path counts rows on the host)"
-    for layer in model.layers:
-        t = layer.mlp.transport if isinstance(layer.mlp, MoE) else None
-        if t is not None and not getattr(t, "graph_safe", False):
-            return f"the {t.name} transport exchanges counts through the host"
-    return None
+    name = exchanging_transport(model)
+    return f"the {name} transport exchanges counts through the host" if name else None
 
 
 class DecodeGraphs:
@@ -81,9 +89,8 @@ class DecodeGraphs:
                               (self.seq_lens, seq_lens, 0)):
             buf[:b].copy_(src, non_blocking=True)
             buf[b:nb].fill_(pad)
+        self.block_table[:nb].zero_()  # entries past a row's pages and the padded rows: page 0, unread
         self.block_table[:b, :w].copy_(block_table, non_blocking=True)
-        self.block_table[:nb, w:].zero_()
-        self.block_table[b:nb].zero_()
         if nb in self.graphs:
             graph, logits = self.graphs[nb]
             graph.replay()

@@ -14,7 +14,7 @@ import torch
 from nmoe.serve import shards
 from nmoe.serve.ckpt import load_config, load_weights, resolve_model_path
 from nmoe.serve.config import ModelConfig, ServeConfig
-from nmoe.serve.decode_graphs import DecodeGraphs, not_capturable
+from nmoe.serve.decode_graphs import DecodeGraphs, exchanging_transport, not_capturable
 from nmoe.serve.dist import RankInfo
 from nmoe.serve.model import AttnBatch, DeepseekV3
 from nmoe.serve.ops.sampling import sample, score_tokens
@@ -195,13 +195,14 @@ class Engine:
             with self._on_stream():
                 for items in self._forward_groups(batch):
                     launched += self._launch(*self.forward_batch(items))
-                if self.overlap and self._collective_free():
-                    touched = self._deliver_pending()
+                touched = self._deliver_pending()  # the previous step's, while the device runs this one
+                # EP lockstep needs every rank to run the same forwards: no step may end without
+                # its outputs there, so the overlap is off when the MoE layers exchange with peers
+                if self.overlap and exchanging_transport(self.model) is None:
                     for lau in launched:
                         self._hold(lau)
                     self._pending = launched
                 else:
-                    touched = self._deliver_pending()
                     for lau in launched:
                         touched += self._deliver(lau)
         except BaseException:
@@ -212,11 +213,6 @@ class Engine:
         self.stats["steps"] += 1
         return touched
 
-    def _collective_free(self) -> bool:
-        """No MoE layer exchanges with peers: a step may end without its outputs (EP lockstep needs
-        every rank to run the same forwards, so overlap stays off there)."""
-        return all(getattr(layer.mlp, "transport", None) is None or getattr(layer.mlp.transport, "graph_safe", False)
-                   for layer in self.model.layers)
 
     @torch.no_grad()
     def forward_idle(self) -> None:
@@ -292,11 +288,11 @@ class Engine:
                 wants.append((req, target))
             offset += it.num_tokens
         dev = self.device
-        host["ids"] = self._device_ids(items, host["ids"])
+        ids = self._device_ids(items, host.pop("ids"))
         graphs = self.decode_graphs() if all(it.num_tokens == 1 for it in items) else None
         if graphs is not None and graphs.fits(len(items), host["block_table"].shape[1]):
             with self._on_stream():  # a capture must not run on the default stream
-                logits = graphs.run(**host)  # every row is a decode row: the logits of all of them
+                logits = graphs.run(ids, **host)  # every row is a decode row: the logits of all of them
                 return wants, logits[torch.tensor(rows, device=dev)] if rows else logits[:0]
         attn = AttnBatch(
             positions=host["positions"].to(dev),
@@ -306,7 +302,7 @@ class Engine:
             q_lens=[it.num_tokens for it in items],
             kv_caches=self.kv_caches,
         )
-        hidden = self.model(host["ids"], attn)
+        hidden = self.model(ids, attn)
         if not rows:
             return [], hidden.new_zeros(0, self.model_cfg.vocab_size)
         return wants, self.model.logits(hidden[torch.tensor(rows, device=dev)])
@@ -387,9 +383,16 @@ class Engine:
         for lau in launched:
             for i, index in lau.slots.items():
                 req = lau.wants[i][0]
-                if self._placeholders.get(req.rid, (None, None, None))[2] == index:
-                    del self._placeholders[req.rid]
+                if self._release_placeholder(req, index):
                     del req.seq.token_ids[index:]
+
+    def _release_placeholder(self, req: Request, index: int) -> bool:
+        """Forget `req`'s placeholder at `index` (if it is still the one recorded); True if it was."""
+        ph = self._placeholders.get(req.rid)
+        if ph is None or ph[2] != index:
+            return False
+        del self._placeholders[req.rid]
+        return True
 
     def _deliver(self, lau: _Launched) -> list[Request]:
         """Append each row's token (and logprobs, top-k, logits per its output mode) to its request,
@@ -406,8 +409,8 @@ class Engine:
                 else:
                     self._forced_in_flight.pop(req.rid, None)
             index = lau.slots.get(i)
-            if index is not None and self._placeholders.get(req.rid, (None, None, None))[2] == index:
-                del self._placeholders[req.rid]
+            if index is not None:
+                self._release_placeholder(req, index)
             if req.finish_reason is not None:
                 continue
             p = req.params

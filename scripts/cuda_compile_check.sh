@@ -4,7 +4,7 @@
 # nvidia/cu13/bin), checks that every GEMM object (a source named *gemm*) holds FP8 wgmma (QGMMA)
 # and no local-memory traffic (LDL/STL); other objects with local memory are reported.
 #
-# Usage: scripts/cuda_compile_check.sh [OUTDIR]   (default build/cuda_compile_check)
+# Usage: scripts/cuda_compile_check.sh [OUTDIR [SOURCE...]]   (default build/cuda_compile_check, every source)
 # Env:   NMOE_CUDA_ARCH (default 90a), JOBS (parallel compiles, default nproc)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,11 @@ flags="-O3 -std=c++17 -gencode=arch=compute_${arch},code=sm_${arch} --expt-relax
 -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
 -D__CUDA_NO_HALF2_OPERATORS__ -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"
 
-mapfile -t sources < <(find csrc -name '*.cpp' -o -name '*.cu' | sort)
+if [ $# -gt 1 ]; then
+  sources=("${@:2}")
+else
+  mapfile -t sources < <(find csrc -name '*.cpp' -o -name '*.cu' | sort)
+fi
 [ ${#sources[@]} -gt 0 ] || { echo "cuda_compile_check: no sources under csrc/" >&2; exit 1; }
 export out flags includes
 compile_one() {

@@ -188,3 +188,43 @@ def test_router_ref_matches_per_token_python(cfg):
         want_w, want_ids = _route_python(logits[t], bias, n_group, topk_group, top_k, norm, scale)
         assert ids[t].tolist() == want_ids, t
         torch.testing.assert_close(w[t], torch.tensor(want_w), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- MoE row bookkeeping, fused views
+
+
+def test_moe_align_and_combine_ref_match_per_slot_python():
+    from nmoe.serve.ops.moe import moe_align_ref, moe_combine_ref
+
+    g = torch.Generator().manual_seed(5)
+    t, k, experts, h = 13, 4, 6, 8
+    ids = torch.randint(0, experts, (t, k), generator=g)
+    src_rows, pos, offsets = moe_align_ref(ids, experts)
+    # expected: slots in (expert, slot) order
+    order = sorted(range(t * k), key=lambda s: (int(ids.view(-1)[s]), s))
+    assert src_rows.tolist() == [s // k for s in order]
+    assert [pos.view(-1)[s].item() for s in order] == list(range(t * k))
+    counts = [int((ids == e).sum()) for e in range(experts)]
+    assert offsets.tolist() == [sum(counts[:e]) for e in range(experts + 1)]
+    ys = torch.randn(t * k, h, generator=g)
+    w = torch.rand(t, k, generator=g)
+    add = torch.randn(t, h, generator=g)
+    y = moe_combine_ref(ys, pos, w, add)
+    for i in range(t):
+        want = add[i] + sum(w[i, j] * ys[pos[i, j]] for j in range(k))
+        torch.testing.assert_close(y[i], want, rtol=1e-6, atol=1e-6)
+
+
+def test_quant_fp8_act_rows_and_head_view_on_cpu():
+    from nmoe.serve.ops.fp8 import quant_fp8_act, quant_fp8_act_ref
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 256, generator=g)
+    rows = torch.tensor([3, 3, 0, 8])
+    q, s = quant_fp8_act(x, rows)
+    rq, rs = quant_fp8_act_ref(x[rows])
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+    o = torch.randn(2, 9, 128, generator=g)  # [H, B, v] read as [B, H * v]
+    q, s = quant_fp8_act(o.transpose(0, 1))
+    rq, rs = quant_fp8_act_ref(o.transpose(0, 1).reshape(9, 256))
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)

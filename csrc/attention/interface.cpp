@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include "attention/params.h"
 
@@ -136,6 +137,53 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const a
   const char* err = mla_decode_paged_launch(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return {out, lse};
+}
+
+at::Tensor mla_decode_q(const at::Tensor& q_lat, const at::Tensor& q_pe, const at::Tensor& cos, const at::Tensor& sin) {
+  constexpr const char* op = "mla_decode_q";
+  auto str = [](at::IntArrayRef a) {
+    std::string out = "[";
+    for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
+    return out + "]";
+  };
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q_lat", q_lat}, {"q_pe", q_pe}}) {
+    TORCH_CHECK(t.is_cuda() && t.device() == q_lat.device(), op, ": ", name, " must be on q_lat's CUDA device");
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 3 && t.stride(2) == 1, op, ": ", name,
+                " must be a bfloat16 [., ., .] tensor with unit last stride, got shape ", str(t.sizes()), " strides ",
+                str(t.strides()));
+  }
+  const int64_t heads = q_lat.size(0), batch = q_lat.size(1), rank = q_lat.size(2), rope = q_pe.size(2);
+  TORCH_CHECK(q_pe.size(0) == batch && q_pe.size(1) == heads, op, ": q_pe must be [", std::to_string(batch), ", ",
+              std::to_string(heads), ", rope] for q_lat ", str(q_lat.sizes()), ", got ", str(q_pe.sizes()));
+  TORCH_CHECK(rank % 8 == 0 && reinterpret_cast<uintptr_t>(q_lat.data_ptr()) % 16 == 0 && q_lat.stride(0) % 8 == 0 &&
+                  q_lat.stride(1) % 8 == 0,
+              op, ": q_lat rows must start on 16-byte boundaries, got strides ", str(q_lat.strides()));
+  TORCH_CHECK(rope % 2 == 0, op, ": the rope width ", std::to_string(rope), " must be even");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
+    TORCH_CHECK(t.is_cuda() && t.device() == q_lat.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.dim() == 2 && t.size(0) == batch && t.size(1) == rope / 2,
+                op, ": ", name, " must be a contiguous float32 [", std::to_string(batch), ", ", std::to_string(rope / 2),
+                "] tensor on q_lat's device, got shape ", str(t.sizes()));
+  }
+  c10::cuda::CUDAGuard guard(q_lat.device());
+  auto out = at::empty({batch, heads, rank + rope}, q_lat.options());
+  MlaDecodeQParams p{};
+  p.q_lat = q_lat.data_ptr();
+  p.q_pe = q_pe.data_ptr();
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.batch = batch;
+  p.heads = heads;
+  p.lat_head_stride = q_lat.stride(0);
+  p.lat_batch_stride = q_lat.stride(1);
+  p.pe_batch_stride = q_pe.stride(0);
+  p.pe_head_stride = q_pe.stride(1);
+  p.rank = static_cast<int>(rank);
+  p.rope = static_cast<int>(rope);
+  const char* err = mla_decode_q_launch(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return out;
 }
 
 }  // namespace nmoe::attention

@@ -16,4 +16,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const a
                                                     const at::Tensor& block_table, const at::Tensor& seq_lens,
                                                     double softmax_scale, int64_t variant);
 
+// q_lat bf16 [H, B, R] (the latent query), q_pe bf16 [B, H, D], cos / sin fp32 [B, D / 2] -> the
+// absorbed decode query bf16 [B, H, R + D]: q_lat, then q_pe rotated in interleaved pairs.
+at::Tensor mla_decode_q(const at::Tensor& q_lat, const at::Tensor& q_pe, const at::Tensor& cos, const at::Tensor& sin);
+
 }  // namespace nmoe::attention

@@ -66,4 +66,25 @@ const char* mla_decode_paged_launch(const MlaDecodeParams& p, cudaStream_t strea
 // p.impl != kMlaImplMma and runs the combine kernel after it.
 const char* mla_decode_wgmma_launch_split(const MlaDecodeParams& p, cudaStream_t stream);
 
+// mla_decode_q: q_lat bf16 [heads, batch, rank] and q_pe bf16 [batch, heads, rope] (element strides
+// below, unit last) with cos / sin fp32 [batch, rope / 2] (contiguous) -> out bf16 [batch, heads,
+// rank + rope] (contiguous): out[..., :rank] = q_lat, out[..., rank:] = q_pe rotated in pairs.
+struct MlaDecodeQParams {
+  const void* q_lat;
+  const void* q_pe;
+  const float* cos;
+  const float* sin;
+  void* out;
+  int64_t batch;
+  int64_t heads;
+  int64_t lat_head_stride;
+  int64_t lat_batch_stride;
+  int64_t pe_batch_stride;
+  int64_t pe_head_stride;
+  int rank;
+  int rope;
+};
+
+const char* mla_decode_q_launch(const MlaDecodeQParams& p, cudaStream_t stream);
+
 }  // namespace nmoe::attention

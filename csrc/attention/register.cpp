@@ -7,6 +7,10 @@ TORCH_LIBRARY_FRAGMENT(nmoe, m) {
   m.def(
       "mla_decode_paged(Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, float softmax_scale,"
       " int variant=-1) -> (Tensor, Tensor)");
+  m.def("mla_decode_q(Tensor q_lat, Tensor q_pe, Tensor cos, Tensor sin) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(nmoe, CUDA, m) { m.impl("mla_decode_paged", &nmoe::attention::mla_decode_paged); }
+TORCH_LIBRARY_IMPL(nmoe, CUDA, m) {
+  m.impl("mla_decode_paged", &nmoe::attention::mla_decode_paged);
+  m.impl("mla_decode_q", &nmoe::attention::mla_decode_q);
+}

@@ -144,15 +144,33 @@ void launch_grouped(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> quant_fp8_act(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> quant_fp8_act(const at::Tensor& x, const std::optional<at::Tensor>& rows) {
   constexpr const char* op = "quant_fp8_act";
-  check_tensor(op, "x", x, at::kBFloat16, 2);
-  const int64_t m = x.size(0), k = x.size(1);
-  check_bf16_rows(op, x, k);
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must be [rows, k] or [rows, heads, head], got shape ",
+              fmt(x.sizes()));
+  check_tensor(op, "x", x, at::kBFloat16, x.dim());
+  const int64_t heads = x.dim() == 3 ? x.size(1) : 1, head = x.size(-1);
+  const int64_t k = heads * head;
+  // a [rows, heads, head] view: each 128-channel group must lie inside one head
+  TORCH_CHECK(heads == 1 || head % kBlock == 0, op, ": x of shape ", fmt(x.sizes()), " needs head = ", fmt(head),
+              " to be a multiple of 128");
+  TORCH_CHECK(heads == 1 || x.stride(1) % 8 == 0, op, ": x head stride ", fmt(x.stride(1)),
+              " must be a multiple of 8 elements");
+  check_bf16_rows(op, x.dim() == 3 ? x.select(1, 0) : x, head);
+  int64_t m = x.size(0);
+  const int64_t* row_ptr = nullptr;
+  if (rows.has_value()) {
+    check_tensor(op, "rows", *rows, at::kLong, 1);
+    check_same_device(op, "rows", *rows, x);
+    check_contiguous(op, "rows", *rows);
+    m = rows->size(0);
+    row_ptr = rows->data_ptr<int64_t>();
+  }
   at::Tensor q = at::empty({m, k}, x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor s = at::empty({m, cdiv(k, kBlock)}, x.options().dtype(at::kFloat));
   const c10::cuda::CUDAGuard guard(x.device());
-  const ActQuantParams p{x.data_ptr(), q.data_ptr(), s.data_ptr<float>(), m, k, x.stride(0)};
+  const ActQuantParams p{x.data_ptr(), q.data_ptr(), s.data_ptr<float>(), row_ptr, m, k, x.size(0), x.stride(0),
+                         heads == 1 ? 0 : x.stride(1), head};
   check_launch(act_quant(p, c10::cuda::getCurrentCUDAStream(x.get_device()).stream()));
   return {q, s};
 }

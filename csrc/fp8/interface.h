@@ -3,13 +3,15 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
 namespace nmoe::fp8 {
 
-// x bf16 [m, k] -> (e4m3 [m, k], fp32 [m, ceil(k/128)]).
-std::tuple<at::Tensor, at::Tensor> quant_fp8_act(const at::Tensor& x);
+// x bf16 [m, k] (or a [m, heads, head] view: k = heads * head) -> (e4m3 [m, k], fp32 [m, ceil(k/128)]);
+// with rows int64 [r], output row i is x[rows[i]] ([r, k] and [r, kb]).
+std::tuple<at::Tensor, at::Tensor> quant_fp8_act(const at::Tensor& x, const std::optional<at::Tensor>& rows);
 
 // x bf16 [..., 2i] -> (e4m3 [..., i], fp32 [..., ceil(i/128)]) of silu(x[..., :i]) * x[..., i:].
 std::tuple<at::Tensor, at::Tensor> silu_mul_quant_fp8(const at::Tensor& x);

@@ -16,14 +16,21 @@ namespace nmoe::fp8 {
 
 constexpr int kBlock = 128;
 
-// x bf16 [m, k] (row stride x_row_stride elements, unit column stride) -> q [m, k], s [m, ceil(k/128)].
+// x bf16 -> q [m, k], s [m, ceil(k/128)]. Row r of the output reads source row rows[r] (rows null:
+// row r; a source row outside [0, x_rows) reads as zeros). Channel c of a source row lies at
+// (c / head) * x_head_stride + c % head (a [rows, heads, head] view, head % 128 == 0; a plain
+// [rows, k] matrix is one head of k), rows x_row_stride elements apart, unit channel stride.
 struct ActQuantParams {
   const void* x;
   void* q;
   float* s;
+  const int64_t* rows;
   int64_t m;
   int64_t k;
+  int64_t x_rows;
   int64_t x_row_stride;
+  int64_t x_head_stride;
+  int64_t head;
 };
 
 // x bf16 [m, 2i]: gate = x[:, :i], up = x[:, i:]; silu(gate) * up -> q [m, i], s [m, ceil(i/128)].

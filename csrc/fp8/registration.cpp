@@ -4,7 +4,7 @@
 #include "fp8/interface.h"
 
 TORCH_LIBRARY_FRAGMENT(nmoe, m) {
-  m.def("quant_fp8_act(Tensor x) -> (Tensor, Tensor)");
+  m.def("quant_fp8_act(Tensor x, Tensor? rows=None) -> (Tensor, Tensor)");
   m.def("silu_mul_quant_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("fp8_gemm(Tensor xq, Tensor xs, Tensor w, Tensor ws) -> Tensor");
   m.def("grouped_fp8_gemm_contiguous(Tensor xq, Tensor xs, Tensor w, Tensor ws, Tensor offsets) -> Tensor");

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 
 #include "kv/params.h"
 
@@ -32,6 +33,14 @@ Dtype dtype_code(const char* op, const char* name, const at::Tensor& t) {
     default:
       TORCH_CHECK(false, op, ": ", name, " must be bfloat16, float16 or float32, got ", t.scalar_type());
   }
+}
+
+// Numbers through std::to_string, as in fp8/interface.cpp (no iostream number formatting).
+std::string fmt(int64_t v) { return std::to_string(v); }
+std::string fmt(at::IntArrayRef a) {
+  std::string out = "[";
+  for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
+  return out + "]";
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -84,6 +93,58 @@ void kv_append_paged(const at::Tensor& cache, const at::Tensor& out_loc, const a
   p.vec16 = same16 && rank % 8 == 0 && rope % 8 == 0 && p.page_stride % 8 == 0 && p.token_stride % 8 == 0 &&
             p.c_kv_stride % 8 == 0 && p.k_pe_stride % 8 == 0 && aligned16(cache) && aligned16(c_kv) && aligned16(k_pe);
   const char* err = kv_append_paged_launch(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+}
+
+void kv_norm_rope_append(const at::Tensor& cache, const at::Tensor& out_loc, const at::Tensor& kv,
+                         const at::Tensor& weight, double eps, const at::Tensor& cos, const at::Tensor& sin) {
+  constexpr const char* op = "kv_norm_rope_append";
+  check_cache(op, cache);
+  check_index(op, "out_loc", out_loc, cache);
+  check_tensor(op, "kv", kv, 2, cache);
+  check_tensor(op, "weight", weight, 1, cache);
+  check_tensor(op, "cos", cos, 2, cache);
+  check_tensor(op, "sin", sin, 2, cache);
+  TORCH_CHECK(cache.scalar_type() == at::kBFloat16 && kv.scalar_type() == at::kBFloat16 &&
+                  weight.scalar_type() == at::kBFloat16,
+              op, ": cache, kv and weight must be bfloat16, got ", c10::toString(cache.scalar_type()), ", ", c10::toString(kv.scalar_type()), ", ",
+              c10::toString(weight.scalar_type()));
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, op,
+              ": cos and sin must be float32, got ", c10::toString(cos.scalar_type()), ", ", c10::toString(sin.scalar_type()));
+  const int64_t tokens = out_loc.size(0), rank = weight.size(0), row = cache.size(2), rope = row - rank;
+  TORCH_CHECK(kv.size(0) == tokens && kv.size(1) == row, op, ": kv must be [", fmt(tokens), ", ", fmt(row), "], got ",
+              fmt(kv.sizes()));
+  TORCH_CHECK(rank % 8 == 0 && rank <= kMaxNormRank, op, ": the latent width ", fmt(rank),
+              " must be a multiple of 8 and at most ", fmt(kMaxNormRank));
+  TORCH_CHECK(rope > 0 && rope % 2 == 0 && rope <= 128, op, ": the rope width ", fmt(rope), " must be even and in [2, 128]");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == tokens && cos.size(1) == rope / 2 && cos.is_contiguous() &&
+                  sin.is_contiguous(),
+              op, ": cos and sin must be contiguous [", fmt(tokens), ", ", fmt(rope / 2), "], got ", fmt(cos.sizes()), " and ",
+              fmt(sin.sizes()));
+  TORCH_CHECK(weight.is_contiguous() && aligned16(weight), op, ": weight must be contiguous and 16-byte aligned");
+  TORCH_CHECK(aligned16(kv) && (tokens <= 1 || kv.stride(0) % 8 == 0) && aligned16(cache) &&
+                  cache.stride(0) % 8 == 0 && cache.stride(1) % 8 == 0,
+              op, ": kv and cache rows must start on 16-byte boundaries (kv strides ", fmt(kv.strides()),
+              ", cache strides ", fmt(cache.strides()), ")");
+  if (tokens == 0) return;
+  c10::cuda::CUDAGuard guard(cache.device());
+  KvNormRopeParams p{};
+  p.cache = cache.data_ptr();
+  p.kv = kv.data_ptr();
+  p.weight = weight.data_ptr();
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.out_loc = out_loc.data_ptr<int64_t>();
+  p.tokens = tokens;
+  p.kv_stride = kv.stride(0);
+  p.rank = static_cast<int>(rank);
+  p.rope = static_cast<int>(rope);
+  p.page_size = static_cast<int>(cache.size(1));
+  p.pages = cache.size(0);
+  p.page_stride = cache.stride(0);
+  p.token_stride = cache.stride(1);
+  p.eps = static_cast<float>(eps);
+  const char* err = kv_norm_rope_append_launch(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
 }
 

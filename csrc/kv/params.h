@@ -43,6 +43,31 @@ struct KvCopyPagesParams {
   bool vec16;  // page bytes, page stride and base are multiples of 16
 };
 
+// kv_norm_rope_append: the decode/prefill latent path of MLA in one pass. kv bf16 [tokens, R + D]
+// (row stride kv_stride) is kv_a_proj's output; RMSNorm(kv[:, :R]) * weight and the interleaved-pair
+// rotation of kv[:, R:] by cos / sin fp32 [tokens, D / 2] (contiguous) go to the bf16 cache slot.
+// Limits (checked by the interface): R % 8 == 0, R <= kMaxNormRank, D even, D <= 128.
+constexpr int kMaxNormRank = 1024;
+
+struct KvNormRopeParams {
+  void* cache;
+  const void* kv;
+  const void* weight;  // bf16 [R]
+  const float* cos;
+  const float* sin;
+  const int64_t* out_loc;
+  int64_t tokens;
+  int64_t kv_stride;
+  int rank;
+  int rope;
+  int page_size;
+  int64_t pages;
+  int64_t page_stride;
+  int64_t token_stride;
+  float eps;
+};
+
+const char* kv_norm_rope_append_launch(const KvNormRopeParams& p, cudaStream_t stream);
 const char* kv_append_paged_launch(const KvAppendParams& p, cudaStream_t stream);
 const char* kv_copy_pages_launch(const KvCopyPagesParams& p, cudaStream_t stream);
 

@@ -27,10 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmoe.serve.config import ModelConfig
-from nmoe.serve.ops.attention import mla_decode_paged
+from nmoe.serve.ops.attention import mla_decode_paged, mla_decode_q
 from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_fp8_act
-from nmoe.serve.ops.kv import gather_context, kv_append_paged
+from nmoe.serve.ops.kv import gather_context, kv_norm_rope_append
+from nmoe.serve.ops.moe import moe_align, moe_combine
 from nmoe.serve.ops.moe_gemm import grouped_fp8_gemm_contiguous, silu_mul_quant_fp8
+from nmoe.serve.ops.norm import rms_norm
+from nmoe.serve.ops.rope import apply_rope
 from nmoe.serve.ops.router import moe_route
 
 WEIGHTS_FORMATS = ("fp32", "fp8")
@@ -51,10 +54,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype == self.weight.dtype:  # torch's fused kernel: one launch, not six
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Module):
@@ -123,17 +123,6 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return (freqs / factor * (1 - extrapolate) + freqs * extrapolate).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's release does.
-
-    x `[..., T, heads, D]` or `[T, heads, D]`; cos/sin `[T, D/2]` broadcast over heads."""
-    xf = x.float()
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
-    return out.to(x.dtype)
-
-
 @dataclass
 class AttnBatch:
     """What one serving step's attention needs, built by the engine from the scheduler's batch.
@@ -180,37 +169,53 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.o_proj = Linear(nh * cfg.v_head_dim, h, fp8)
         self.scale = cfg.softmax_scale
+        self.qkv_a_proj: Linear | None = None  # FP8: q_a_proj and kv_a_proj_with_mqa fused by `fuse_qkv_a`
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+    def fuse_qkv_a(self) -> None:
+        """FP8 with whole 128-row scale blocks in q_a_proj: q_a_proj and kv_a_proj_with_mqa read the
+        same x, so they become one GEMM `[q_lora_rank + R + D, hidden]` (one quantization of x, one
+        weight stream) whose output columns split back into the two; kv_a's scale blocks then start
+        on a block boundary of the fused weight, so its scales stack as they are."""
         if self.cfg.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(*x.shape[:-1], self.n_heads, self.cfg.qk_head_dim)
+            return
+        qa, kva = self.q_a_proj, self.kv_a_proj_with_mqa
+        if qa.weight.dtype != FP8 or qa.weight.shape[0] % 128:
+            return
+        self.qkv_a_proj = Linear.fp8_of(_cat([qa.weight.data, kva.weight.data]),
+                                        torch.cat([qa.weight_scale_inv.data, kva.weight_scale_inv.data]))
+        del self.q_a_proj, self.kv_a_proj_with_mqa
 
-    def _latents(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized latent `[.., R]` and rotated rope key `[.., D]` of each token (what the cache holds)."""
-        kv = self.kv_a_proj_with_mqa(x)
-        c_kv, k_pe = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
-        return self.kv_a_layernorm(c_kv), k_pe
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[.., hidden]` -> queries `[.., H, qk_head_dim]` (rope part not yet rotated) and
+        kv_a_proj's output `[.., R + D]` (latent not yet normalized, rope key not yet rotated)."""
+        cfg = self.cfg
+        if cfg.q_lora_rank is None:
+            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        else:
+            if self.qkv_a_proj is not None:
+                q_a, kv = self.qkv_a_proj(x).split([cfg.q_lora_rank, cfg.kv_cache_dim], dim=-1)
+            else:
+                q_a, kv = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        return q.view(*x.shape[:-1], self.n_heads, cfg.qk_head_dim), kv
 
     def _expand(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents `[.., L, R]` -> per-head k_nope `[.., L, H, nope]` and v `[.., L, H, v]` (naive form)."""
         kv = self.kv_b_proj(c_kv).view(*c_kv.shape[:-1], self.n_heads, -1)
         return kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)
 
-    def _split_q(self, x, cos, sin):
-        q = self._queries(x)
-        q_nope, q_pe = q.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
+    def _split_q(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
 
     def forward_dense(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x `[B, S, hidden]`, causal over S."""
         b, s, _ = x.shape
-        q_nope, q_pe = self._split_q(x, cos, sin)
-        c_kv, k_pe = self._latents(x, cos, sin)
-        k_nope, v = self._expand(c_kv)
+        q, kv = self._project(x)
+        q_nope, q_pe = self._split_q(q)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
+        k_nope, v = self._expand(self.kv_a_layernorm(c_kv))
         scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
         mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
         scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
@@ -220,28 +225,39 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """x `[T, hidden]` new tokens of the batch's sequences; writes their latents to the cache first."""
         cache = batch.kv_caches[self.layer]
-        q_nope, q_pe = self._split_q(x, batch.cos, batch.sin)
-        c_kv, k_pe = self._latents(x, batch.cos, batch.sin)
-        kv_append_paged(cache, batch.out_loc, c_kv, k_pe)
+        q, kv = self._project(x)
+        norm = self.kv_a_layernorm
+        kv_norm_rope_append(cache, batch.out_loc, kv, norm.weight, norm.eps, batch.cos, batch.sin)
+        q_nope, q_pe = self._split_q(q)
         if batch.static:  # one decode token per row, in sequence order: no row bookkeeping
-            out = self._decode_absorbed(q_nope, q_pe, cache, batch.block_table, batch.seq_lens, static=True)
-            return self.o_proj(out.flatten(1))
+            out = self._decode_absorbed(q_nope, q_pe, batch.cos, batch.sin, cache, batch.block_table,
+                                        batch.seq_lens, static=True)
+            return self._out_proj(out.transpose(0, 1))
         out = x.new_empty(x.shape[0], self.n_heads, self.cfg.v_head_dim)
         starts = [0]
-        for q in batch.q_lens:
-            starts.append(starts[-1] + q)
+        for q_len in batch.q_lens:
+            starts.append(starts[-1] + q_len)
         decode = batch.decode_rows
         if decode:
             rows = torch.tensor([starts[i] for i in decode], device=x.device)
             seqs = torch.tensor(decode, device=x.device)
             out[rows] = self._decode_absorbed(
-                q_nope[rows], q_pe[rows], cache, batch.block_table[seqs], batch.seq_lens[seqs]
-            )
+                q_nope[rows], q_pe[rows], batch.cos[rows], batch.sin[rows], cache, batch.block_table[seqs],
+                batch.seq_lens[seqs],
+            ).transpose(0, 1)
         for i, q_len in enumerate(batch.q_lens):
             if q_len > 1:
                 sl = slice(starts[i], starts[i] + q_len)
-                out[sl] = self._prefill_naive(q_nope[sl], q_pe[sl], cache, batch, i)
-        return self.o_proj(out.flatten(1))
+                q_pe_i = apply_rope(q_pe[sl], batch.cos[sl], batch.sin[sl])
+                out[sl] = self._prefill_naive(q_nope[sl], q_pe_i, cache, batch, i)
+        return self._out_proj(out)
+
+    def _out_proj(self, o: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs `[T, H, v]` (any strides) -> `[T, hidden]`. Under FP8 the quantization reads
+        the heads in place (no copy into `[T, H * v]` first)."""
+        if self.o_proj.weight.dtype == FP8 and o.shape[0] > 0:
+            return self.o_proj.forward_quantized(*quant_fp8_act(o))
+        return self.o_proj(o.flatten(1))
 
     def _prefill_naive(self, q_nope, q_pe, cache, batch: AttnBatch, i: int, block: int = 1024) -> torch.Tensor:
         """Queries of one sequence's chunk `[q, H, .]` over its whole cached context.
@@ -296,16 +312,17 @@ class MLA(nn.Module):
             out[:, h0:h1] = o[0].transpose(0, 1)
         return out
 
-    def _decode_absorbed(self, q_nope, q_pe, cache, block_table, seq_lens, static: bool = False) -> torch.Tensor:
-        """One query per sequence: W_UK folded into the query, W_UV applied after attention.
-        `static`: no host read of `seq_lens` (the block table's width bounds every context)."""
+    def _decode_absorbed(self, q_nope, q_pe, cos, sin, cache, block_table, seq_lens, static: bool = False):
+        """One query per sequence (q_pe not yet rotated): W_UK folded into the query, W_UV applied
+        after attention; returns `[H, B, v]`. `static`: no host read of `seq_lens` (the block
+        table's width bounds every context)."""
         cfg = self.cfg
         w = self.kv_b_proj.weight.view(self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
-        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)
-        q = torch.cat([q_lat, q_pe], dim=-1).to(cache.dtype)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, B, R]
+        q = mla_decode_q(q_lat, q_pe, cos, sin).to(cache.dtype)
         o_lat, _ = mla_decode_paged(q, cache, block_table, seq_lens, self.scale, cfg.kv_lora_rank, static=static)
-        return torch.einsum("bhr,hvr->bhv", o_lat.to(w_uv.dtype), w_uv)
+        return torch.bmm(o_lat.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,22 +386,30 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Tokens `[N, hidden]` each going to local expert `local_ids[n]` with weight `weights[n]`;
-        returns the weighted expert outputs `[N, hidden]` (row n for token n).
+        returns the weighted expert outputs `[N, hidden]` (row n for token n)."""
+        return combine_experts(self, x, weights.view(-1, 1), local_ids.view(-1, 1))
 
-        Rows are sorted by expert so each expert reads one contiguous slice: the layout of the
-        contiguous grouped GEMM."""
-        if x.shape[0] == 0:
-            return torch.zeros_like(x)
-        order = torch.argsort(local_ids, stable=True)
-        xs = x[order]
-        if self.gate_up.dtype == FP8:  # counts by scatter_add: bincount would read its max on the host
-            counts = torch.zeros(len(self.expert_ids), dtype=torch.long, device=x.device)
-            ys = self._sorted_fp8(xs, counts.scatter_add_(0, local_ids, torch.ones_like(local_ids)))
-        else:
-            ys = self._sorted_dense(xs, torch.bincount(local_ids, minlength=len(self.expert_ids)).tolist())
-        out = torch.empty_like(x)
-        out[order] = ys * weights[order, None].to(ys.dtype)
-        return out
+    def sorted(self, x: torch.Tensor, src_rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Unweighted outputs for the rows `x[src_rows]`, grouped by expert: rows offsets[j]:offsets[j+1]
+        go to local expert j (`moe_align`'s layout, the contiguous grouped GEMM's)."""
+        if self.gate_up.dtype != FP8:
+            return self._sorted_dense(x[src_rows], offsets.diff().tolist())
+        xq, xsc = quant_fp8_act(x, src_rows)  # the gather happens in the quantization's loads
+        inter = self.down.shape[-1]
+        if inter % 128 == 0:  # gate's and up's scale blocks tile the fused [2I] rows exactly
+            h = grouped_fp8_gemm_contiguous(xq, xsc, self.gate_up, self.gate_up_scale_inv, offsets)
+        else:  # a partial block at the seam (small test models): two GEMMs on contiguous halves
+            nb = self.gate_up_scale_inv.shape[1] // 2
+            halves = [
+                grouped_fp8_gemm_contiguous(xq, xsc, w.contiguous(), s.contiguous(), offsets)
+                for w, s in (
+                    (self.gate_up[:, :inter], self.gate_up_scale_inv[:, :nb]),
+                    (self.gate_up[:, inter:], self.gate_up_scale_inv[:, nb:]),
+                )
+            ]
+            h = torch.cat(halves, dim=-1)
+        hq, hs = silu_mul_quant_fp8(h)
+        return grouped_fp8_gemm_contiguous(hq, hs, self.down, self.down_scale_inv, offsets)
 
     def _sorted_dense(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ys = torch.empty_like(xs)
@@ -396,37 +421,16 @@ class Experts(nn.Module):
                 start += n
         return ys
 
-    def _sorted_fp8(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert, `counts [E_local]` on the device (no host read): gate+up grouped
-        GEMM -> fused SwiGLU-quant -> down grouped GEMM, BF16 out."""
-        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=xs.device)
-        offsets[1:] = torch.cumsum(counts, 0)
-        xq, xsc = quant_fp8_act(xs.contiguous())
-        inter = self.down.shape[-1]
-        if inter % 128 == 0:  # gate's and up's scale blocks tile the fused [2I] rows exactly
-            h = grouped_fp8_gemm_contiguous(xq, xsc, self.gate_up, self.gate_up_scale_inv, offsets)
-        else:  # a partial block at the seam (small test models): two GEMMs on contiguous halves
-            nb = self.gate_up_scale_inv.shape[1] // 2
-            halves = [
-                grouped_fp8_gemm_contiguous(
-                    xq, xsc, w.contiguous(), s.contiguous(), offsets
-                )
-                for w, s in (
-                    (self.gate_up[:, :inter], self.gate_up_scale_inv[:, :nb]),
-                    (self.gate_up[:, inter:], self.gate_up_scale_inv[:, nb:]),
-                )
-            ]
-            h = torch.cat(halves, dim=-1)
-        hq, hs = silu_mul_quant_fp8(h)
-        return grouped_fp8_gemm_contiguous(hq, hs, self.down, self.down_scale_inv, offsets)
 
-
-def combine_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-    """y[t] = sum_k w[t,k] * expert_{local_ids[t,k]}(x[t]), summed in (t, k) order in fp32
-    (the identity for fp32 activations), returned in x's dtype."""
-    t, k = local_ids.shape
-    tok = torch.arange(t, device=x.device).repeat_interleave(k)
-    return sum_topk(experts(x[tok], local_ids.flatten(), weights.flatten()), t, k, x.dtype)
+def combine_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
+                    add: torch.Tensor | None = None) -> torch.Tensor:
+    """y[t] = sum_j w[t,j] * expert_{local_ids[t,j]}(x[t]) (+ add[t]), summed over j in order in fp32
+    (the identity for fp32 activations), returned in x's dtype. The (token, k) slots are sorted by
+    expert (`moe_align`), run as grouped GEMMs, and combined back (`moe_combine`)."""
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape) if add is None else add.clone()
+    src_rows, pos, offsets = moe_align(local_ids, len(experts.expert_ids))
+    return moe_combine(experts.sorted(x, src_rows, offsets), pos, weights, add)
 
 
 def sum_topk(y: torch.Tensor, t: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -463,17 +467,17 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.route(x)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
         if self.transport is None:
-            y = self.local_experts(x, weights, ids)
+            y = self.local_experts(x, weights, ids, add=shared)
         else:
-            y = self.transport.moe(x, weights, ids, self.experts)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = self.transport.moe(x, weights, ids, self.experts, add=shared)
         return y.view(shape)
 
-    def local_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """All experts on this rank: y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
-        return combine_experts(self.experts, x, weights, ids)
+    def local_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                      add: torch.Tensor | None = None) -> torch.Tensor:
+        """All experts on this rank: y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t]) (+ add[t])."""
+        return combine_experts(self.experts, x, weights, ids, add)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,6 +610,8 @@ class DeepseekV3(nn.Module):
             for m in self.modules():
                 if isinstance(m, MLP):
                     m.fuse_gate_up()
+                elif isinstance(m, MLA):
+                    m.fuse_qkv_a()
 
     def _hf_param(self, name: str, get) -> torch.Tensor:
         if name == "embed_tokens.weight":

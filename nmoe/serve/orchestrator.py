@@ -95,7 +95,7 @@ class _Faulty:
     def __init__(self, message: str):
         self.message = message
 
-    def moe(self, x, weights, ids, experts):
+    def moe(self, x, weights, ids, experts, add=None):
         raise FaultInjected(self.message)
 
 

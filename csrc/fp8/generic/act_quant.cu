@@ -1,4 +1,6 @@
 // quant_fp8_act: bf16 [m, k] -> e4m3 [m, k] + fp32 scales [m, ceil(k/128)], per token per 128 channels.
+// Optionally gathers its rows (the MoE's tokens in expert order) and reads a [rows, heads, head]
+// view with any head stride (attention's per-head outputs), so neither needs a copy first.
 //
 // Memory-bound: each lane reads 16 bytes and writes 8 per row; 16 lanes own one (row, 128-channel
 // group); each thread handles kRowsPerThread rows of its column, all loads issued before the first use.
@@ -18,7 +20,8 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) act_quant_kernel(ActQuant
   if (gcol - (slot & 1) >= kb) return;
   const int64_t col = gcol * kBlock + lane * kVec;
   const bool col_ok = col < p.k;  // k % 8 == 0, so a lane's 8 channels are all in or all out
-  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x) + col;
+  const int64_t head = col / p.head;  // a 128-channel group never straddles two heads
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x) + head * p.x_head_stride + (col - head * p.head);
   uint8_t* q = static_cast<uint8_t*>(p.q) + col;
   // The row loop's bound depends on blockIdx only, so all lanes of a warp run the same iterations.
   for (int64_t row0 = static_cast<int64_t>(blockIdx.y) * kRowsPerThread; row0 < p.m;
@@ -28,7 +31,9 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) act_quant_kernel(ActQuant
     for (int u = 0; u < kRowsPerThread; ++u) {
       const int64_t row = row0 + u;
       raw[u] = make_uint4(0, 0, 0, 0);
-      if (col_ok && row < p.m) raw[u] = __ldcs(reinterpret_cast<const uint4*>(x + row * p.x_row_stride));
+      if (!col_ok || row >= p.m) continue;
+      const int64_t src = p.rows == nullptr ? row : p.rows[row];
+      if (src >= 0 && src < p.x_rows) raw[u] = __ldcs(reinterpret_cast<const uint4*>(x + src * p.x_row_stride));
     }
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; ++u) {

@@ -75,7 +75,8 @@ class DeepEPTransport(Transport):
         dist.all_reduce(max_t, op=dist.ReduceOp.MAX, group=self.group)
         return int(max_t) <= self.max_tokens_per_rank
 
-    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
+    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts,
+            add: torch.Tensor | None = None) -> torch.Tensor:
         topk = self.slot[ids].long()
         ll = self._use_low_latency(x.shape[0], x.device)
         buf = self._buf(x.shape[-1], x.dtype, ll)
@@ -101,7 +102,7 @@ class DeepEPTransport(Transport):
         self.calls += 1
         if failure is not None:
             raise failure
-        return y
+        return y if add is None else y + add
 
     @staticmethod
     def _local_sum(experts, recv: torch.Tensor, recv_ids: torch.Tensor, recv_w: torch.Tensor) -> torch.Tensor:

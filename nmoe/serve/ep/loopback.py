@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from nmoe.serve.ep.transport import Transport
+from nmoe.serve.ops.moe import loopback_local_ids
 
 
 class _NoComm:
@@ -50,31 +51,18 @@ class LoopbackTransport(Transport):
         super().__init__(_NoComm(rank, world_size), n_experts, placement)
         self._device_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
+    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts,
+            add: torch.Tensor | None = None) -> torch.Tensor:
         from nmoe.serve.model import combine_experts
 
-        out = combine_experts(experts, x, weights, self.local_ids(ids))
+        out = combine_experts(experts, x, weights, self.local_ids(ids), add)
         self.calls += 1
         return out
 
     def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Global expert ids `[T, k]` -> the local expert `[T, k]` that computes each slot here."""
         owner, local = self._tables(ids.device)
-        flat = ids.reshape(-1)
-        own = local[flat]
-        mine = owner[flat] == self.rank
-        counts = torch.zeros(self.n_local, dtype=torch.long, device=ids.device)
-        counts.scatter_add_(0, own, mine.long())  # c_j: this rank's own slots per local expert
-        local_total = counts.sum()
-        remote = ~mine
-        remote_total = remote.long().sum()
-        remote_rank = torch.cumsum(remote.long(), 0) - 1  # index of each remote slot among them
-        # remote slots [bounds[j-1], bounds[j]) go to local expert j: quotas proportional to c_j
-        bounds = torch.cumsum(counts, 0) * remote_total // local_total.clamp(min=1)
-        by_load = torch.searchsorted(bounds, remote_rank, right=True).clamp(max=self.n_local - 1)
-        # no local slot at all (tiny T): keep the slot's local index, which spreads them evenly
-        substitute = torch.where(local_total > 0, by_load, own)
-        return torch.where(mine, own, substitute).view(ids.shape)
+        return loopback_local_ids(ids, owner, local, self.rank, self.n_local)
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._device_tables:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nmoe.serve.dist import RankInfo
-from nmoe.serve.model import sum_topk
+from nmoe.serve.ops.moe import moe_combine
 
 LOW_LATENCY_MODES = ("0", "1", "auto")
 
@@ -144,8 +144,10 @@ class Transport:
 
     # --- one MoE call ----------------------------------------------------------------------------
 
-    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
-        """x `[T, H]`, weights `[T, k]` fp32, ids `[T, k]` global expert ids -> routed output `[T, H]`.
+    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts,
+            add: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[T, H]`, weights `[T, k]` fp32, ids `[T, k]` global expert ids -> routed output `[T, H]`
+        (plus `add [T, H]`, summed in the same fp32 pass: the shared experts' output).
 
         Every exchange is entered even when a local part fails; the failure is raised afterwards."""
         failure = None
@@ -162,7 +164,7 @@ class Transport:
         self.calls += 1
         if failure is not None:
             raise failure
-        return self._reduce(d.plan, back, weights, x)
+        return self._reduce(d.plan, back, weights, add)
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor) -> Dispatched:
         """Send each (token, k) row of x to the rank of expert ids[t, k]."""
@@ -182,8 +184,7 @@ class Transport:
     def combine(self, d: Dispatched, out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Expert outputs in `d`'s layout -> `[T, H]`: sum over k of weights[t, k] * out of (t, k)."""
         back = self._combine_exchange(d, out)
-        t = weights.shape[0]
-        return self._reduce(d.plan, back, weights, out.new_zeros(t, out.shape[-1]))
+        return self._reduce(d.plan, back, weights)
 
     # --- the pieces --------------------------------------------------------------------------------
 
@@ -266,13 +267,12 @@ class Transport:
         self.comm.all_to_all(recv, send)
         return recv[self._ll_send_index(plan).to(out.device)]
 
-    def _reduce(self, plan: _Plan, back: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """y[t] = sum_k weights[t, k] * out(t, k), summed in (t, k) order like `MoE.local_experts`."""
-        t, k = weights.shape
-        slots = torch.empty_like(back)
-        slots[plan.order] = back
-        y = slots * weights.reshape(-1, 1).to(slots.dtype)
-        return sum_topk(y, t, k, like.dtype)
+    def _reduce(self, plan: _Plan, back: torch.Tensor, weights: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+        """y[t] = sum_k weights[t, k] * out(t, k) (+ add[t]): the combine of `MoE.local_experts`."""
+        pos = torch.empty_like(plan.order)  # back's row of each slot: the inverse of the send order
+        pos[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
+        return moe_combine(back, pos.view(weights.shape), weights, add)
 
     # --- forward bookkeeping (lockstep) ------------------------------------------------------------
 

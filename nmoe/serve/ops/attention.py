@@ -10,6 +10,16 @@ from __future__ import annotations
 import torch
 
 from nmoe.serve.ops._ext import use_cuda
+from nmoe.serve.ops.rope import apply_rope
+
+
+def mla_decode_q(q_lat: torch.Tensor, q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The absorbed decode query `[B, H, R + D]`: the latent query `q_lat [H, B, R]` (q_nope through
+    W_UK) next to the rope query `q_pe [B, H, D]` rotated by cos/sin `[B, D/2]`. One kernel on CUDA."""
+    fused = q_lat.dtype == q_pe.dtype == torch.bfloat16 and cos.dtype == sin.dtype == torch.float32
+    if fused and use_cuda(q_lat, q_pe, cos, sin) and q_lat.shape[-1] % 8 == 0:
+        return torch.ops.nmoe.mla_decode_q(q_lat, q_pe, cos.contiguous(), sin.contiguous())
+    return torch.cat([q_lat.transpose(0, 1), apply_rope(q_pe, cos, sin)], dim=-1)
 
 
 def mla_decode_paged_ref(

@@ -1,0 +1,151 @@
+"""The decode step's fused bookkeeping kernels against their torch references (skipped without CUDA
+or nmoe._C): moe_align, moe_combine, loopback_local_ids, quant_fp8_act's row gather and head view,
+kv_norm_rope_append and mla_decode_q.
+
+Criteria: integer outputs exact (moe_align up to the order within an expert, which the contract
+leaves free: offsets exact, every slot in its expert's rows, src_rows[pos] the slot's token);
+FP8 bytes and scales exact; rope parts bit-exact; the RMSNorm latent and the fp32 combine within
+one bf16 rounding (relative 2^-7) of the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmoe.serve.dist import RankInfo
+from nmoe.serve.ops.attention import mla_decode_q
+from nmoe.serve.ops.fp8 import quant_fp8_act, quant_fp8_act_ref
+from nmoe.serve.ops.kv import kv_append_paged_ref
+from nmoe.serve.ops.moe import loopback_local_ids_ref, moe_align_ref, moe_combine_ref
+from nmoe.serve.ops.norm import rms_norm
+from nmoe.serve.ops.rope import apply_rope
+
+
+def _ops(name):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    try:
+        import nmoe._C  # noqa: F401
+    except ImportError:
+        pass
+    if not hasattr(torch.ops.nmoe, name):
+        pytest.skip("nmoe._C (CUDA kernels) is not built")
+    return torch.ops.nmoe
+
+
+def _ids(t, k, experts, gen, skew=False):
+    if skew:  # a hot expert: half the slots
+        ids = torch.randint(0, experts, (t, k), generator=gen)
+        ids[torch.rand(t, k, generator=gen) < 0.5] = experts // 2
+        return ids.cuda()
+    return torch.randint(0, experts, (t, k), generator=gen).cuda()
+
+
+@pytest.mark.parametrize("t,k,experts", [(1, 8, 32), (7, 8, 32), (32, 8, 32), (256, 8, 256), (33, 1, 5),
+                                         (4096, 8, 32), (16384, 8, 32)])
+@pytest.mark.parametrize("skew", [False, True])
+def test_moe_align(t, k, experts, skew):
+    ops = _ops("moe_align")
+    gen = torch.Generator().manual_seed(t * 31 + k)
+    ids = _ids(t, k, experts, gen, skew)
+    src_rows, pos, offsets = ops.moe_align(ids, experts)
+    _, ref_pos, ref_offsets = moe_align_ref(ids, experts)
+    assert torch.equal(offsets, ref_offsets)
+    pos = pos.view(t, k)
+    assert torch.equal(torch.sort(pos.flatten()).values, torch.arange(t * k, device="cuda"))  # a permutation
+    lo, hi = offsets.long()[ids], offsets.long()[ids + 1]
+    assert bool(((pos >= lo) & (pos < hi)).all()), "a slot outside its expert's rows"
+    tokens = torch.arange(t, device="cuda")[:, None].expand(t, k)
+    assert torch.equal(src_rows[pos], tokens)
+
+
+@pytest.mark.parametrize("t,k,h", [(1, 8, 7168), (32, 8, 7168), (256, 8, 7168), (5, 1, 320), (9, 4, 320)])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_moe_combine(t, k, h, with_add):
+    ops = _ops("moe_combine")
+    gen = torch.Generator().manual_seed(t + k + h)
+    ys = torch.randn(t * k + 3, h, generator=gen).to(torch.bfloat16).cuda()
+    pos = torch.randperm(t * k, generator=gen).view(t, k).cuda()
+    weights = torch.rand(t, k, generator=gen).cuda()
+    add = torch.randn(t, h, generator=gen).to(torch.bfloat16).cuda() if with_add else None
+    out = ops.moe_combine(ys, pos, weights, add)
+    ref = moe_combine_ref(ys, pos, weights, add)
+    exact = moe_combine_ref(ys.double(), pos, weights.double(), None if add is None else add.double())
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-2)
+    torch.testing.assert_close(out.double(), exact, rtol=2**-7, atol=1e-2)  # one bf16 rounding
+
+
+@pytest.mark.parametrize("world,placement", [(8, "contiguous"), (8, "striped"), (2, "contiguous")])
+@pytest.mark.parametrize("t", [1, 3, 32, 256, 5000])
+def test_loopback_local_ids_exact(world, placement, t):
+    ops = _ops("loopback_local_ids")
+    n_experts, k = 256, 8
+    owner = torch.empty(n_experts, dtype=torch.long)
+    local = torch.empty(n_experts, dtype=torch.long)
+    for r in range(world):
+        ids_r = RankInfo(r, world, placement).local_experts(n_experts)
+        owner[ids_r] = r
+        local[ids_r] = torch.arange(len(ids_r))
+    owner, local = owner.cuda(), local.cuda()
+    gen = torch.Generator().manual_seed(t * 7 + world)
+    for rank in (0, world - 1):
+        ids = _ids(t, k, n_experts, gen, skew=t % 2 == 1)
+        out = ops.loopback_local_ids(ids, owner, local, rank, n_experts // world)
+        assert torch.equal(out, loopback_local_ids_ref(ids, owner, local, rank, n_experts // world))
+
+
+def test_quant_rows_and_head_view():
+    _ops("quant_fp8_act")
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(50, 7168, generator=gen) * 3).to(torch.bfloat16).cuda()
+    rows = torch.randint(0, 50, (400,), generator=gen).cuda()
+    q, s = quant_fp8_act(x, rows)
+    rq, rs = quant_fp8_act_ref(x[rows])
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+    # attention's per-head output [H, B, v] read as [B, H * v] through a transposed view
+    o = (torch.randn(128, 32, 128, generator=gen)).to(torch.bfloat16).cuda()
+    q, s = quant_fp8_act(o.transpose(0, 1))
+    rq, rs = quant_fp8_act_ref(o.transpose(0, 1).reshape(32, -1))
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+
+
+@pytest.mark.parametrize("rank,rope", [(512, 64), (160, 32)])
+def test_kv_norm_rope_append(rank, rope):
+    ops = _ops("kv_norm_rope_append")
+    gen = torch.Generator().manual_seed(rank)
+    t, pages, page = 37, 8, 16
+    wide = torch.randn(t, 1536 + rank + rope, generator=gen).to(torch.bfloat16).cuda()
+    kv = wide[:, 1536:]  # a column slice of the fused q/kv projection output, as the model passes it
+    weight = (1 + 0.1 * torch.randn(rank, generator=gen)).to(torch.bfloat16).cuda()
+    angles = torch.rand(t, rope // 2, generator=gen).cuda() * 100
+    cos, sin = angles.cos(), angles.sin()
+    out_loc = torch.randperm(pages * page, generator=gen)[:t].cuda()
+    out_loc[5] = -1  # a padded row: skipped
+    cache = torch.full((pages, page, rank + rope), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ref = cache.clone()
+    ops.kv_norm_rope_append(cache, out_loc, kv, weight, 1e-6, cos, sin)
+    c_kv, k_pe = kv.split([rank, rope], dim=-1)
+    kv_append_paged_ref(ref, out_loc, rms_norm(c_kv.float(), weight.float(), 1e-6),
+                        apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2))
+    flat, rflat = cache.view(-1, rank + rope), ref.view(-1, rank + rope)
+    written = out_loc[out_loc >= 0]
+    assert torch.equal(flat[written, rank:].view(torch.int16), rflat[written, rank:].view(torch.int16))
+    torch.testing.assert_close(flat[written, :rank].float(), rflat[written, :rank].float(), rtol=2**-7, atol=1e-3)
+    untouched = torch.ones(pages * page, dtype=torch.bool, device="cuda")
+    untouched[written] = False
+    assert bool(flat[untouched].isnan().all()), "a slot outside out_loc was written"
+
+
+@pytest.mark.parametrize("b,h,rank,rope", [(32, 128, 512, 64), (3, 4, 160, 32)])
+def test_mla_decode_q_exact(b, h, rank, rope):
+    _ops("mla_decode_q")
+    gen = torch.Generator().manual_seed(b * h)
+    q_lat = torch.randn(h, b, rank, generator=gen).to(torch.bfloat16).cuda()
+    q = torch.randn(b, h, 128 + rope, generator=gen).to(torch.bfloat16).cuda()
+    q_pe = q[..., 128:]  # the rope part of q_b_proj's output, a strided view
+    angles = torch.rand(b, rope // 2, generator=gen).cuda() * 100
+    out = mla_decode_q(q_lat, q_pe, angles.cos(), angles.sin())
+    ref = torch.cat([q_lat.transpose(0, 1), apply_rope(q_pe, angles.cos(), angles.sin())], dim=-1)
+    assert out.shape == (b, h, rank + rope)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))

@@ -80,7 +80,7 @@ def main() -> None:
             k[1] += 1
     device = sum(v[0] for v in per_kernel.values())
     print(f"{what} step ({engine.stats['prefill_tokens']} prefill tokens in all): wall {wall * 1e3:.2f} ms, device (sum of kernels) {device / 1e3:.2f} ms, "
-          f"{len(per_kernel)} distinct kernels; graphs: {bool(engine._graphs and engine._graphs.graphs)}")
+          f"{sum(v[1] for v in per_kernel.values()) // args.steps} kernel launches ({len(per_kernel)} distinct); graphs: {bool(engine._graphs and engine._graphs.graphs)}")
     print(f"{'us/step':>9} {'share':>6} {'calls':>6}  kernel")
     for name, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{us:9.1f} {us / max(device, 1e-9):6.1%} {calls // args.steps:6d}  {name[:110]}")

@@ -119,7 +119,7 @@ std::pair<int64_t, int64_t> check_gemm_operands(const char* op, const at::Tensor
 // Runs the sm90 grouped kernel; `out` is bf16 rows of n, already allocated.
 void launch_grouped(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& ws,
                     const at::Tensor& out, GroupLayout layout, int groups, int64_t m, int64_t n, int64_t k,
-                    const int32_t* offsets, const int32_t* counts) {
+                    const int32_t* offsets, const int32_t* counts, float* split_scales = nullptr) {
   const c10::cuda::CUDAGuard guard(xq.device());
   GroupedGemmParams p{};
   p.layout = layout;
@@ -130,6 +130,7 @@ void launch_grouped(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor
   p.d = out.data_ptr();
   p.offsets = offsets;
   p.counts = counts;
+  p.split_scales = split_scales;
   p.num_groups = groups;
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
@@ -208,7 +209,23 @@ at::Tensor fp8_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor
   check_int32(op, "m", m);
   at::Tensor out = at::empty({m, n}, xq.options().dtype(at::kBFloat16));
   if (m == 0) return out;
-  launch_grouped(xq, xs, w, ws, out, GroupLayout::kDense, 1, m, n, k, nullptr, nullptr);
+  GroupedGemmParams shape{};
+  shape.m = static_cast<int>(m);
+  shape.n = static_cast<int>(n);
+  shape.k = static_cast<int>(k);
+  shape.sm_count = sm_count(xq.get_device());
+  const int splits = dense_split_k_sm90(shape);
+  if (splits == 1) {
+    launch_grouped(xq, xs, w, ws, out, GroupLayout::kDense, 1, m, n, k, nullptr, nullptr);
+    return out;
+  }
+  // split-K: bf16 partial products of the K slices, then their fp32 sum
+  const at::Tensor partials = at::empty({splits, m, n}, out.options());
+  const at::Tensor scratch = at::empty({(m + cdiv(n, kBlock)) * cdiv(k, kBlock)}, xs.options());
+  launch_grouped(xq, xs, w, ws, partials, GroupLayout::kSplitK, splits, m, n, k, nullptr, nullptr,
+                 scratch.data_ptr<float>());
+  const SplitKReduceParams r{partials.data_ptr(), out.data_ptr(), m * n, splits};
+  check_launch(splitk_reduce(r, c10::cuda::getCurrentCUDAStream(xq.get_device()).stream()));
   return out;
 }
 

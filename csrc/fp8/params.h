@@ -48,6 +48,11 @@ enum class GroupLayout : int {
   kDense = 0,       // one group, rows 0..m
   kContiguous = 1,  // rows offsets[g]..offsets[g+1] (clamped to 0..m) use group g
   kMasked = 2,      // rows g*m .. g*m + min(counts[g], m) use group g; m is max_m
+  // One weight, K split in num_groups equal slices (split-K): group g multiplies all m rows of
+  // A[:, g*k/G : (g+1)*k/G] by the same slice of B and writes its partial product to d + g*m*n
+  // (bf16); a reduction sums the partials. For decode-sized dense GEMMs, whose few N tiles would
+  // leave most SMs idle.
+  kSplitK = 3,
 };
 
 struct GroupedGemmParams {
@@ -67,7 +72,20 @@ struct GroupedGemmParams {
   int config;          // GemmConfig, from select_gemm_config_sm90
   bool raster_along_n; // tile order of the persistent scheduler (false: consecutive tiles go along M)
   void* workspace;     // device, grouped_gemm_workspace_bytes_sm90(p) bytes
+  // kSplitK: device scratch of (m + ceil(n/128)) * ceil(k/128) floats. CUTLASS derives a group's
+  // scale layout from its own problem shape (k/G deep), so the K-major scales of A and B are
+  // rearranged there into one [G, rows, k/G/128] block per slice.
+  float* split_scales;
 };
+
+// kSplitK: out bf16 [m, n] = sum over the g partials [g, m, n] bf16, in fp32, in slice order.
+struct SplitKReduceParams {
+  const void* partials;
+  void* out;
+  int64_t elems;  // m * n
+  int splits;
+};
+const char* splitk_reduce(const SplitKReduceParams& p, cudaStream_t stream);
 
 // The sm90 kernel configurations, one CUTLASS instantiation each (csrc/fp8/sm90/gemm_<name>.cu).
 // Names: n = CUTLASS's A operand is the activations, s = swapped (A is the weights, the tokens are
@@ -96,6 +114,9 @@ enum GemmConfig : int {
 // Picks the configuration (and raster order) for p's layout and the row counts the host knows
 // (m, num_groups, max_m); honours set_gemm_override. Fills p.config and p.raster_along_n.
 void select_gemm_config_sm90(GroupedGemmParams& p);
+// The K slices a dense call of p's shape (m, n, k, sm_count) should be split into: 1 unless the
+// call is decode-sized (the swapped configurations) and its N tiles fill under half the SMs.
+int dense_split_k_sm90(const GroupedGemmParams& p);
 size_t grouped_gemm_workspace_bytes_sm90(const GroupedGemmParams& p);
 const char* grouped_gemm_sm90(const GroupedGemmParams& p, cudaStream_t stream);
 // Benchmarks and tests: force a configuration (-1: automatic) and raster order (-1: the config's

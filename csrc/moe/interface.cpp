@@ -3,7 +3,6 @@
 #include "moe/interface.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -111,36 +110,6 @@ at::Tensor moe_combine(const at::Tensor& ys, const at::Tensor& pos, const at::Te
   p.h = static_cast<int>(h);
   p.k = static_cast<int>(k);
   check_launch(moe_combine_launch(p, c10::cuda::getCurrentCUDAStream()));
-  return out;
-}
-
-at::Tensor loopback_local_ids(const at::Tensor& ids, const at::Tensor& owner, const at::Tensor& local, int64_t rank,
-                              int64_t n_local) {
-  constexpr const char* op = "loopback_local_ids";
-  check(op, "ids", ids, at::kLong, 2, ids);
-  check(op, "owner", owner, at::kLong, 1, ids);
-  check(op, "local", local, at::kLong, 1, ids);
-  check_contiguous(op, "ids", ids);
-  check_contiguous(op, "owner", owner);
-  check_contiguous(op, "local", local);
-  TORCH_CHECK(owner.size(0) == local.size(0), op, ": owner ", fmt(owner.sizes()), " and local ", fmt(local.sizes()),
-              " must both be [n_experts]");
-  TORCH_CHECK(n_local >= 1 && n_local <= kMaxLocalExperts, op, ": n_local = ", fmt(n_local), " must be in [1, ",
-              fmt(kMaxLocalExperts), "]");
-  TORCH_CHECK(ids.numel() <= INT32_MAX, op, ": ", fmt(ids.numel()), " slots do not fit the int32 counts");
-  c10::cuda::CUDAGuard guard(ids.device());
-  auto out = at::empty_like(ids);
-  if (ids.numel() == 0) return out;
-  LoopbackParams p{};
-  p.ids = ids.data_ptr<int64_t>();
-  p.owner = owner.data_ptr<int64_t>();
-  p.local = local.data_ptr<int64_t>();
-  p.out = out.data_ptr<int64_t>();
-  p.slots = ids.numel();
-  p.n_experts = owner.size(0);
-  p.rank = rank;
-  p.n_local = static_cast<int>(n_local);
-  check_launch(loopback_local_ids_launch(p, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -15,8 +15,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& ids, 
 at::Tensor moe_combine(const at::Tensor& ys, const at::Tensor& pos, const at::Tensor& weights,
                        const std::optional<at::Tensor>& add);
 
-// ids int64 [tokens, k] global experts, owner / local int64 [n_experts] -> local experts int64 [tokens, k].
-at::Tensor loopback_local_ids(const at::Tensor& ids, const at::Tensor& owner, const at::Tensor& local, int64_t rank,
-                              int64_t n_local);
-
 }  // namespace nmoe::moe

@@ -1,13 +1,12 @@
 // Plain parameters and launchers of the MoE row-bookkeeping ops (kernels never see at::Tensor):
-// the sort of (token, k) slots by expert, the weighted combine back into tokens, and the loopback's
-// slot remap. Launchers return nullptr on success, else a static message.
+// the sort of (token, k) slots by expert and the weighted combine back into tokens. Launchers
+// return nullptr on success, else a static message.
 //   align:    ids int64 [slots] (local expert of slot s = t * k + j, values in [0, experts); others
 //             are clamped) -> src_rows int64 [slots] (token of each sorted row), pos int64 [slots]
 //             (sorted row of each slot), offsets int32 [experts + 1]
 //   combine:  ys bf16 [rows, h] (row stride ys_stride), pos int64 [tokens * k], weights fp32
 //             [tokens, k], add bf16 [tokens, h] or null -> out bf16 [tokens, h]:
 //             out[t] = bf16(sum_j weights[t, j] * ys[pos[t, j]] (+ add[t])), fp32, j in order
-//   loopback: ids int64 [slots] global experts, owner / local int64 [n_experts] -> out int64 [slots]
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -42,19 +41,7 @@ struct CombineParams {
   int k;
 };
 
-struct LoopbackParams {
-  const int64_t* ids;
-  const int64_t* owner;
-  const int64_t* local;
-  int64_t* out;
-  int64_t slots;
-  int64_t n_experts;
-  int64_t rank;
-  int n_local;
-};
-
 const char* moe_align_launch(const AlignParams& p, cudaStream_t stream);
 const char* moe_combine_launch(const CombineParams& p, cudaStream_t stream);
-const char* loopback_local_ids_launch(const LoopbackParams& p, cudaStream_t stream);
 
 }  // namespace nmoe::moe

@@ -6,11 +6,9 @@
 TORCH_LIBRARY_FRAGMENT(nmoe, m) {
   m.def("moe_align(Tensor ids, int experts) -> (Tensor, Tensor, Tensor)");
   m.def("moe_combine(Tensor ys, Tensor pos, Tensor weights, Tensor? add=None) -> Tensor");
-  m.def("loopback_local_ids(Tensor ids, Tensor owner, Tensor local, int rank, int n_local) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nmoe, CUDA, m) {
   m.impl("moe_align", &nmoe::moe::moe_align);
   m.impl("moe_combine", &nmoe::moe::moe_combine);
-  m.impl("loopback_local_ids", &nmoe::moe::loopback_local_ids);
 }

@@ -50,6 +50,20 @@ int auto_config(const GroupedGemmParams& p) {
 
 }  // namespace
 
+int dense_split_k_sm90(const GroupedGemmParams& p) {
+  // The swapped configurations put 256 weight rows in a tile. Below half the SMs busy, split K
+  // into the most slices that still fit one wave, each at least 4 scale blocks (512) deep:
+  // m=32 o_proj (n 7168, k 16384) 28 tiles -> 4 slices; kv/q_a (2112, 7168) 9 -> 14.
+  if (p.m > 64 || p.k % kBlock) return 1;
+  const int tiles = (p.n + 255) / 256, kb = p.k / kBlock;
+  if (2 * tiles > p.sm_count) return 1;
+  int best = 1;
+  for (int s = 2; s <= kb / 4; ++s) {
+    if (kb % s == 0 && tiles * s <= p.sm_count) best = s;
+  }
+  return best;
+}
+
 void select_gemm_config_sm90(GroupedGemmParams& p) {
   const int forced = g_override_config.load(std::memory_order_relaxed);
   p.config = forced >= 0 && forced < kNumGemmConfigs ? forced : auto_config(p);

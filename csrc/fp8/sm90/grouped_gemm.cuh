@@ -172,7 +172,7 @@ struct GroupedGemm {
 
 // The rows [row0, row0 + rows) that group g multiplies, from the layout of p.
 __device__ __forceinline__ void group_rows(const GroupedGemmParams& p, int g, int& row0, int& rows) {
-  if (p.layout == GroupLayout::kDense) {
+  if (p.layout == GroupLayout::kDense || p.layout == GroupLayout::kSplitK) {
     row0 = 0;
     rows = p.m;
   } else if (p.layout == GroupLayout::kContiguous) {
@@ -192,6 +192,20 @@ __global__ void build_group_arrays(GroupedGemmParams p, typename G::GroupArrays 
   using ElementD = typename G::ElementD;
   const int kb = (p.k + kBlock - 1) / kBlock;
   const int nb = (p.n + kBlock - 1) / kBlock;
+  const bool split = p.layout == GroupLayout::kSplitK;
+  // kSplitK: slice g's scales as one contiguous K-major block each ([G, m, kbs] then [G, nb, kbs])
+  const int kbs = split ? kb / p.num_groups : kb;
+  if (split) {
+    // decode-sized (m <= 64): a few thousand scales, int32 indices
+    const int a_elems = p.m * kb, all = a_elems + nb * kb;
+    for (int i = threadIdx.x; i < all; i += blockDim.x) {
+      const bool is_a = i < a_elems;
+      const int j = is_a ? i : i - a_elems;
+      const int row = j / kb, col = j % kb, rows_of = is_a ? p.m : nb;
+      float* dst = p.split_scales + (is_a ? 0 : a_elems);
+      dst[(col / kbs) * rows_of * kbs + row * kbs + col % kbs] = is_a ? p.sa[j] : p.sb[j];
+    }
+  }
   for (int e = threadIdx.x; e < p.num_groups; e += blockDim.x) {
     int row0, rows;
     group_rows(p, e, row0, rows);
@@ -199,15 +213,25 @@ __global__ void build_group_arrays(GroupedGemmParams p, typename G::GroupArrays 
     const ElementB* wgt = static_cast<const ElementB*>(p.b) + static_cast<int64_t>(e) * p.n * p.k;
     const float* act_s = p.sa + static_cast<int64_t>(row0) * kb;
     const float* wgt_s = p.sb + static_cast<int64_t>(e) * nb * kb;
+    ElementD* out = static_cast<ElementD*>(p.d) + static_cast<int64_t>(row0) * p.n;
+    if (split) {  // every slice: all rows, one weight, K offset e * kbs blocks, its own partial output
+      const int64_t koff = static_cast<int64_t>(e) * kbs * kBlock;
+      act = static_cast<const ElementA*>(p.a) + koff;
+      wgt = static_cast<const ElementB*>(p.b) + koff;
+      act_s = p.split_scales + static_cast<int64_t>(e) * p.m * kbs;
+      wgt_s = p.split_scales + static_cast<int64_t>(p.m) * kb + static_cast<int64_t>(e) * nb * kbs;
+      out = static_cast<ElementD*>(p.d) + static_cast<int64_t>(e) * p.m * p.n;
+    }
     // CUTLASS's (M, N) is (rows, n), or (n, rows) swapped; its A and B are the K-contiguous operands of M and N.
     const int cm = G::kSwapAB ? p.n : rows;
     const int cn = G::kSwapAB ? rows : p.n;
-    g.shapes[e] = typename G::Shape3{cm, cn, p.k};
+    const int ck = split ? kbs * kBlock : p.k;
+    g.shapes[e] = typename G::Shape3{cm, cn, ck};
     g.a[e] = G::kSwapAB ? wgt : act;  // both e4m3
     g.b[e] = G::kSwapAB ? act : wgt;
     g.sa[e] = G::kSwapAB ? wgt_s : act_s;
     g.sb[e] = G::kSwapAB ? act_s : wgt_s;
-    g.d[e] = static_cast<ElementD*>(p.d) + static_cast<int64_t>(row0) * p.n;
+    g.d[e] = out;
     typename G::StrideA sa{};
     get<0>(sa) = p.k;
     g.stride_a[e] = sa;
@@ -221,8 +245,8 @@ __global__ void build_group_arrays(GroupedGemmParams p, typename G::GroupArrays 
       get<0>(sd) = p.n;
     }
     g.stride_d[e] = sd;
-    g.layout_sa[e] = G::ScaleConfig::tile_atom_to_shape_SFA(make_shape(cm, cn, p.k, 1));
-    g.layout_sb[e] = G::ScaleConfig::tile_atom_to_shape_SFB(make_shape(cm, cn, p.k, 1));
+    g.layout_sa[e] = G::ScaleConfig::tile_atom_to_shape_SFA(make_shape(cm, cn, ck, 1));
+    g.layout_sb[e] = G::ScaleConfig::tile_atom_to_shape_SFB(make_shape(cm, cn, ck, 1));
   }
 }
 

@@ -59,7 +59,7 @@ def quant_fp8_act(x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[to
     """`quant_fp8_act_ref` of `x [M, K]` - or of a `[M, heads, head]` view read as `[M, heads * head]`
     (the per-head attention output, any strides) - restricted to `x[rows]` when `rows` is given
     (the MoE's tokens in expert order). On CUDA one kernel reads the view and the rows in place."""
-    if use_cuda(x) and x.dtype == torch.bfloat16 and (x.dim() == 2 or x.shape[-1] % BLOCK == 0):
+    if use_cuda(x) and (x.dim() == 2 or x.shape[-1] % BLOCK == 0):  # the kernel checks the rest
         return torch.ops.nmoe.quant_fp8_act(x, rows)
     x2 = x.flatten(1)
     return quant_fp8_act_ref(x2 if rows is None else x2[rows])

@@ -1,5 +1,5 @@
-"""The MoE's row bookkeeping around the grouped GEMMs: (token, k) slots sorted by expert, the
-weighted combine back into tokens, and the loopback transport's slot remap.
+"""The MoE's row bookkeeping around the grouped GEMMs: (token, k) slots sorted by expert and the
+weighted combine back into tokens.
 
     src_rows, pos, offsets = moe_align(local_ids [T, k], E)   # sorted row p holds token src_rows[p];
                                                               # slot (t, j) sits at row pos[t, j];
@@ -59,31 +59,3 @@ def moe_combine(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor,
     if kernel and use_cuda(ys, pos, weights) and pos.shape[1] <= 64:
         return torch.ops.nmoe.moe_combine(ys, pos.contiguous(), weights.float().contiguous(), add)
     return moe_combine_ref(ys, pos, weights, add)
-
-
-def loopback_local_ids_ref(ids: torch.Tensor, owner: torch.Tensor, local: torch.Tensor, rank: int,
-                           n_local: int) -> torch.Tensor:
-    """Global expert ids `[T, k]` -> the local expert `[T, k]` that computes each slot on the
-    simulated rank (the rule is in `nmoe.serve.ep.loopback`'s docstring)."""
-    flat = ids.reshape(-1)
-    own = local[flat]
-    mine = owner[flat] == rank
-    counts = torch.zeros(n_local, dtype=torch.long, device=ids.device)
-    counts.scatter_add_(0, own, mine.long())  # c_j: this rank's own slots per local expert
-    local_total = counts.sum()
-    remote = ~mine
-    remote_total = remote.long().sum()
-    remote_rank = torch.cumsum(remote.long(), 0) - 1  # index of each remote slot among them
-    # remote slots [bounds[j-1], bounds[j]) go to local expert j: quotas proportional to c_j
-    bounds = torch.cumsum(counts, 0) * remote_total // local_total.clamp(min=1)
-    by_load = torch.searchsorted(bounds, remote_rank, right=True).clamp(max=n_local - 1)
-    # no local slot at all (tiny T): keep the slot's local index, which spreads them evenly
-    substitute = torch.where(local_total > 0, by_load, own)
-    return torch.where(mine, own, substitute).view(ids.shape)
-
-
-def loopback_local_ids(ids: torch.Tensor, owner: torch.Tensor, local: torch.Tensor, rank: int,
-                       n_local: int) -> torch.Tensor:
-    if use_cuda(ids, owner, local) and ids.dtype == torch.long and n_local <= 1024:
-        return torch.ops.nmoe.loopback_local_ids(ids.contiguous(), owner, local, rank, n_local)
-    return loopback_local_ids_ref(ids, owner, local, rank, n_local)

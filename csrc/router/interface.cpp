@@ -37,13 +37,13 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const at:
 
   c10::cuda::CUDAGuard guard(logits.device());
   auto weights = at::empty({tokens, top_k}, logits.options());
-  auto ids = at::empty({tokens, top_k}, logits.options().dtype(at::kInt));
+  auto ids = at::empty({tokens, top_k}, logits.options().dtype(at::kLong));
   if (tokens == 0) return {weights, ids};
   MoeRouteParams p{};
   p.logits = logits.data_ptr<float>();
   p.bias = bias.data_ptr<float>();
   p.weights = weights.data_ptr<float>();
-  p.ids = ids.data_ptr<int32_t>();
+  p.ids = ids.data_ptr<int64_t>();
   p.tokens = tokens;
   p.logits_stride = logits.stride(0);
   p.experts = static_cast<int>(experts);

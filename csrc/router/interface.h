@@ -7,7 +7,7 @@
 
 namespace nmoe::router {
 
-// logits fp32 [T, E], bias fp32 [E] -> (weights fp32 [T, top_k], ids int32 [T, top_k]).
+// logits fp32 [T, E], bias fp32 [E] -> (weights fp32 [T, top_k], ids int64 [T, top_k]).
 std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const at::Tensor& bias, int64_t n_group,
                                              int64_t topk_group, int64_t top_k, bool norm_topk_prob,
                                              double routed_scaling_factor);

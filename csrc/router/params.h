@@ -1,6 +1,6 @@
 // Plain parameters and launcher of the fused DeepSeek-V3 router (kernels never see at::Tensor).
 //   logits fp32 [tokens, experts] (row stride in elements), bias fp32 [experts]
-//   weights fp32 [tokens, top_k], ids int32 [tokens, top_k], both contiguous
+//   weights fp32 [tokens, top_k], ids int64 [tokens, top_k] (the index dtype torch consumes), both contiguous
 // Limits (checked by the interface): experts <= kMaxExperts, n_group <= 32, experts % n_group == 0,
 // group size >= 2, 1 <= topk_group <= n_group, 1 <= top_k <= 32 and top_k <= experts.
 #pragma once
@@ -17,7 +17,7 @@ struct MoeRouteParams {
   const float* logits;
   const float* bias;
   float* weights;
-  int32_t* ids;
+  int64_t* ids;
   int64_t tokens;
   int64_t logits_stride;
   int experts;

@@ -34,7 +34,7 @@ from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_fp8_act
 from nmoe.serve.ops.kv import gather_context, kv_norm_rope_append
 from nmoe.serve.ops.moe import moe_align, moe_combine
 from nmoe.serve.ops.moe_gemm import grouped_fp8_gemm_contiguous, silu_mul_quant_fp8
-from nmoe.serve.ops.norm import rms_norm
+from nmoe.serve.ops.norm import add_rms_norm, rms_norm
 from nmoe.serve.ops.rope import apply_rope
 from nmoe.serve.ops.router import moe_route
 
@@ -514,9 +514,18 @@ class Block(nn.Module):
         x = x + self.self_attn.forward_dense(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x, batch: AttnBatch):
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, batch: AttnBatch, residual: torch.Tensor | None = None):
+        """Serving: `x` is the previous layer's output not yet added to the residual stream
+        `residual` (None: x is the embedding, the stream itself); returns this layer's output and
+        the stream before it. Each residual add is fused into the norm that follows it."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        a = self.self_attn(h, batch)
+        norm = self.post_attention_layernorm
+        h, residual = add_rms_norm(a, residual, norm.weight, norm.eps)
+        return self.mlp(h), residual
 
 
 class DeepseekV3(nn.Module):
@@ -554,10 +563,10 @@ class DeepseekV3(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """ids `[T]` -> final hidden states `[T, hidden]` (normed); call `logits` on the rows needed."""
         batch.cos, batch.sin = self.rope(batch.positions)
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+            x, residual = layer(x, batch, residual)
+        return self.norm(x) if residual is None else add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

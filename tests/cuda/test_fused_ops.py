@@ -129,3 +129,21 @@ def test_mla_decode_q_exact(b, h, rank, rope):
     ref = torch.cat([q_lat.transpose(0, 1), apply_rope(q_pe, angles.cos(), angles.sin())], dim=-1)
     assert out.shape == (b, h, rank + rope)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.parametrize("rows,h", [(1, 7168), (32, 7168), (37, 1536), (5, 320), (0, 7168)])
+def test_rms_norm_and_add_rms_norm(rows, h):
+    ops = _ops("add_rms_norm")
+    gen = torch.Generator().manual_seed(rows + h)
+    x = (torch.randn(rows, h, generator=gen) * 2).to(torch.bfloat16).cuda()
+    r = torch.randn(rows, h, generator=gen).to(torch.bfloat16).cuda()
+    w = (1 + 0.1 * torch.randn(h, generator=gen)).to(torch.bfloat16).cuda()
+
+    def ref(v):  # the fp32 formula of the CPU path, one rounding
+        vf = v.float()
+        return (vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).to(torch.bfloat16)
+
+    out, s = ops.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(s, x + r)  # the sum rounded as torch's bf16 add rounds it
+    torch.testing.assert_close(out.float(), ref(x + r).float(), rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6).float(), ref(x).float(), rtol=2**-7, atol=1e-3)

@@ -265,7 +265,7 @@ def test_router_exact(cfg, ties):
     )
     w, ids = ops.moe_route(logits, bias, n_group, topk_group, top_k, norm, scale)
     rw, rids = moe_route_ref(logits, bias, **kw)
-    assert ids.dtype == torch.int32 and torch.equal(ids.long(), rids)
+    assert ids.dtype == torch.int64 and torch.equal(ids, rids)
     torch.testing.assert_close(w, rw, atol=1e-6, rtol=1e-5)
     w0, ids0 = ops.moe_route(logits[:0], bias, n_group, topk_group, top_k, norm, scale)
     assert w0.shape == (0, top_k) and ids0.shape == (0, top_k)

@@ -193,18 +193,19 @@ __global__ void build_group_arrays(GroupedGemmParams p, typename G::GroupArrays 
   const int kb = (p.k + kBlock - 1) / kBlock;
   const int nb = (p.n + kBlock - 1) / kBlock;
   const bool split = p.layout == GroupLayout::kSplitK;
-  // kSplitK: slice g's scales as one contiguous K-major block each ([G, m, kbs] then [G, nb, kbs])
+  // kSplitK: slice g's scales as one contiguous K-major block each ([G, m, kbs] then [G, nb, kbs]),
+  // written by blocks 1.. (block 0 only points at them)
   const int kbs = split ? kb / p.num_groups : kb;
-  if (split) {
-    // decode-sized (m <= 64): a few thousand scales, int32 indices
-    const int a_elems = p.m * kb, all = a_elems + nb * kb;
-    for (int i = threadIdx.x; i < all; i += blockDim.x) {
-      const bool is_a = i < a_elems;
-      const int j = is_a ? i : i - a_elems;
-      const int row = j / kb, col = j % kb, rows_of = is_a ? p.m : nb;
-      float* dst = p.split_scales + (is_a ? 0 : a_elems);
-      dst[(col / kbs) * rows_of * kbs + row * kbs + col % kbs] = is_a ? p.sa[j] : p.sb[j];
-    }
+  if (blockIdx.x > 0) {  // kSplitK: blocks 1.. move one scale per thread (decode-sized: int32 indices)
+    const int a_elems = p.m * kb;
+    const int i = (blockIdx.x - 1) * blockDim.x + threadIdx.x;
+    if (!split || i >= a_elems + nb * kb) return;
+    const bool is_a = i < a_elems;
+    const int j = is_a ? i : i - a_elems;
+    const int row = j / kb, col = j % kb, rows_of = is_a ? p.m : nb;
+    float* dst = p.split_scales + (is_a ? 0 : a_elems);
+    dst[(col / kbs) * rows_of * kbs + row * kbs + col % kbs] = is_a ? p.sa[j] : p.sb[j];
+    return;
   }
   for (int e = threadIdx.x; e < p.num_groups; e += blockDim.x) {
     int row0, rows;
@@ -256,7 +257,13 @@ const char* GroupedGemm<TileM, TileN, Pingpong, ClusterM, ClusterN, SwapAB>::run
   char* base = static_cast<char*>(p.workspace);
   GroupArrays g;
   const size_t arrays_bytes = group_arrays_bytes(p.num_groups, base, &g);
-  build_group_arrays<GroupedGemm><<<1, 256, 0, stream>>>(p, g);
+  // block 0 fills the group arrays; under kSplitK more blocks rearrange the scales (one each)
+  int blocks = 1;
+  if (p.layout == GroupLayout::kSplitK) {
+    const int kb = (p.k + kBlock - 1) / kBlock, nb = (p.n + kBlock - 1) / kBlock;
+    blocks += ((p.m + nb) * kb + 255) / 256;
+  }
+  build_group_arrays<GroupedGemm><<<blocks, 256, 0, stream>>>(p, g);
   if (cudaPeekAtLastError() != cudaSuccess) return "grouped_gemm_sm90: launching build_group_arrays failed";
 
   typename Gemm::Arguments args = make_arguments(p, g);

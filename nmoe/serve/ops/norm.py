@@ -1,14 +1,34 @@
-"""RMSNorm: torch's fused kernel on CUDA where it applies, else the fp32 formula."""
+"""RMSNorm, alone or fused with the residual add before it: `nmoe._C`'s kernel on CUDA for BF16
+rows, torch's fused kernel for other CUDA shapes, else the fp32 formula."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from nmoe.serve.ops._ext import use_cuda
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x * rsqrt(mean(x^2) + eps) * weight` over the last dim, in fp32, returned in x's dtype."""
+    if _kernel_applies(x, weight):
+        return torch.ops.nmoe.rms_norm(x, weight, float(eps))
     if x.is_cuda and x.dtype == weight.dtype:  # torch's fused kernel: one launch, not six
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dim() == 2 and x.dtype == weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0
+            and x.shape[-1] <= 16384 and use_cuda(x, weight))
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: (`rms_norm(x + residual)`, `x + residual`), the sum
+    rounded to x's dtype before the norm reads it. One kernel on CUDA (BF16 rows)."""
+    if _kernel_applies(x, weight) and residual.shape == x.shape and residual.dtype == x.dtype:
+        return torch.ops.nmoe.add_rms_norm(x, residual, weight, float(eps))
+    s = x + residual
+    return rms_norm(s, weight, eps), s

@@ -47,5 +47,5 @@ def moe_route(logits, bias, **kw) -> tuple[torch.Tensor, torch.Tensor]:
             logits.float().contiguous(), bias.float().contiguous(), kw["n_group"], kw["topk_group"],
             kw["top_k"], kw["norm_topk_prob"], float(kw["routed_scaling_factor"]),
         )
-        return w, ids.long()
+        return w, ids
     return moe_route_ref(logits, bias, **kw)

@@ -1,0 +1,98 @@
+// Fused RMSNorm, optionally after the residual add: one 256-thread block per row holds the row in
+// registers (16-byte loads, at most 8 per thread), so the row is read once and written once (twice
+// with the sum). Replaces the residual add and torch's norm kernel (about 7 us for a 32 x 7168
+// decode batch: latency, not bandwidth) with one launch. The sum is rounded to bf16 before the norm
+// reads it, as the unfused `x = x + r; rms_norm(x)` does.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "norm/params.h"
+
+namespace nmoe::norm {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxVec = kMaxHidden / 8 / kThreads;
+
+__device__ __forceinline__ void unpack(const uint4& raw, float (&v)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ uint4 pack(const float (&v)[8]) {
+  uint4 raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  return raw;
+}
+
+__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormParams p) {
+  __shared__ float warp_sums[kThreads / 32];
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x, vecs = p.h / 8;
+  const auto* x = static_cast<const __nv_bfloat16*>(p.x) + row * p.x_stride;
+  const auto* r = static_cast<const __nv_bfloat16*>(p.residual) + row * p.res_stride;
+  uint4 raw[kMaxVec];
+#pragma unroll
+  for (int u = 0; u < kMaxVec; ++u) {
+    const int v = tid + u * kThreads;
+    raw[u] = v < vecs ? *reinterpret_cast<const uint4*>(x + 8 * v) : make_uint4(0, 0, 0, 0);
+  }
+  float sumsq = 0.0f;
+#pragma unroll
+  for (int u = 0; u < kMaxVec; ++u) {
+    const int v = tid + u * kThreads;
+    if (v >= vecs) break;
+    float a[8];
+    unpack(raw[u], a);
+    if (p.residual != nullptr) {
+      float b[8];
+      unpack(*reinterpret_cast<const uint4*>(r + 8 * v), b);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a[i] = a[i] + b[i];
+      raw[u] = pack(a);  // the sum, rounded to bf16: what the norm reads
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.sum) + row * p.h + 8 * v) = raw[u];
+      unpack(raw[u], a);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sumsq += a[i] * a[i];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, off);
+  if (tid % 32 == 0) warp_sums[tid / 32] = sumsq;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];  // the same order in every thread
+  const float scale = rsqrtf(total / static_cast<float>(p.h) + p.eps);
+  const auto* w = static_cast<const __nv_bfloat16*>(p.weight);
+#pragma unroll
+  for (int u = 0; u < kMaxVec; ++u) {
+    const int v = tid + u * kThreads;
+    if (v >= vecs) break;
+    float a[8], g[8];
+    unpack(raw[u], a);
+    unpack(*reinterpret_cast<const uint4*>(w + 8 * v), g);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a[i] = a[i] * scale * g[i];
+    *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + row * p.h + 8 * v) = pack(a);
+  }
+}
+
+}  // namespace
+
+const char* rms_norm_launch(const RmsNormParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return nullptr;
+  if (p.rows > 0x7fffffff) return "rms_norm: too many rows for one launch";
+  rms_norm_kernel<<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p);
+  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "rms_norm: kernel launch failed";
+}
+
+}  // namespace nmoe::norm

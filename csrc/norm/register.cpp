@@ -1,0 +1,14 @@
+// Registers the fused RMSNorm as torch.ops.nmoe.rms_norm / add_rms_norm.
+#include <torch/library.h>
+
+#include "norm/interface.h"
+
+TORCH_LIBRARY_FRAGMENT(nmoe, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(nmoe, CUDA, m) {
+  m.impl("rms_norm", &nmoe::norm::rms_norm);
+  m.impl("add_rms_norm", &nmoe::norm::add_rms_norm);
+}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_support import nmoe_ops
 
 from nmoe.serve.ops.attention import mla_decode_q
 from nmoe.serve.ops.fp8 import quant_fp8_act, quant_fp8_act_ref
@@ -20,17 +21,7 @@ from nmoe.serve.ops.moe import moe_align_ref, moe_combine_ref
 from nmoe.serve.ops.norm import rms_norm
 from nmoe.serve.ops.rope import apply_rope
 
-
-def _ops(name):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    try:
-        import nmoe._C  # noqa: F401
-    except ImportError:
-        pass
-    if not hasattr(torch.ops.nmoe, name):
-        pytest.skip("nmoe._C (CUDA kernels) is not built")
-    return torch.ops.nmoe
+_ops = nmoe_ops
 
 
 def _ids(t, k, experts, gen, skew=False):

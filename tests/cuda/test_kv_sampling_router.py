@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_support import nmoe_ops
 from stats import chi2_critical, chi2_stat
 
 from nmoe.serve.ops.kv import kv_append_paged_ref, kv_copy_pages_ref
@@ -22,16 +23,7 @@ V = 129280
 
 
 
-def _ops(name):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    try:
-        import nmoe._C  # noqa: F401
-    except ImportError:
-        pass
-    if not hasattr(torch.ops.nmoe, name):
-        pytest.skip("nmoe._C (CUDA kernels) is not built")
-    return torch.ops.nmoe
+_ops = nmoe_ops
 
 
 # ---------------------------------------------------------------- KV cache

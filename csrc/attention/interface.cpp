@@ -162,8 +162,8 @@ at::Tensor mla_decode_q(const at::Tensor& q_lat, const at::Tensor& q_pe, const a
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
     TORCH_CHECK(t.is_cuda() && t.device() == q_lat.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
                     t.dim() == 2 && t.size(0) == batch && t.size(1) == rope / 2,
-                op, ": ", name, " must be a contiguous float32 [", std::to_string(batch), ", ", std::to_string(rope / 2),
-                "] tensor on q_lat's device, got shape ", str(t.sizes()));
+                op, ": ", name, " must be a contiguous float32 [", std::to_string(batch), ", ",
+                std::to_string(rope / 2), "] tensor on q_lat's device, got shape ", str(t.sizes()));
   }
   c10::cuda::CUDAGuard guard(q_lat.device());
   auto out = at::empty({batch, heads, rank + rope}, q_lat.options());

@@ -107,20 +107,22 @@ void kv_norm_rope_append(const at::Tensor& cache, const at::Tensor& out_loc, con
   check_tensor(op, "sin", sin, 2, cache);
   TORCH_CHECK(cache.scalar_type() == at::kBFloat16 && kv.scalar_type() == at::kBFloat16 &&
                   weight.scalar_type() == at::kBFloat16,
-              op, ": cache, kv and weight must be bfloat16, got ", c10::toString(cache.scalar_type()), ", ", c10::toString(kv.scalar_type()), ", ",
-              c10::toString(weight.scalar_type()));
+              op, ": cache, kv and weight must be bfloat16, got ", c10::toString(cache.scalar_type()), ", ",
+              c10::toString(kv.scalar_type()), ", ", c10::toString(weight.scalar_type()));
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, op,
-              ": cos and sin must be float32, got ", c10::toString(cos.scalar_type()), ", ", c10::toString(sin.scalar_type()));
+              ": cos and sin must be float32, got ", c10::toString(cos.scalar_type()), ", ",
+              c10::toString(sin.scalar_type()));
   const int64_t tokens = out_loc.size(0), rank = weight.size(0), row = cache.size(2), rope = row - rank;
   TORCH_CHECK(kv.size(0) == tokens && kv.size(1) == row, op, ": kv must be [", fmt(tokens), ", ", fmt(row), "], got ",
               fmt(kv.sizes()));
   TORCH_CHECK(rank % 8 == 0 && rank <= kMaxNormRank, op, ": the latent width ", fmt(rank),
               " must be a multiple of 8 and at most ", fmt(kMaxNormRank));
-  TORCH_CHECK(rope > 0 && rope % 2 == 0 && rope <= 128, op, ": the rope width ", fmt(rope), " must be even and in [2, 128]");
+  TORCH_CHECK(rope > 0 && rope % 2 == 0 && rope <= 128, op, ": the rope width ", fmt(rope),
+              " must be even and in [2, 128]");
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == tokens && cos.size(1) == rope / 2 && cos.is_contiguous() &&
                   sin.is_contiguous(),
-              op, ": cos and sin must be contiguous [", fmt(tokens), ", ", fmt(rope / 2), "], got ", fmt(cos.sizes()), " and ",
-              fmt(sin.sizes()));
+              op, ": cos and sin must be contiguous [", fmt(tokens), ", ", fmt(rope / 2), "], got ",
+              fmt(cos.sizes()), " and ", fmt(sin.sizes()));
   TORCH_CHECK(weight.is_contiguous() && aligned16(weight), op, ": weight must be contiguous and 16-byte aligned");
   TORCH_CHECK(aligned16(kv) && (tokens <= 1 || kv.stride(0) % 8 == 0) && aligned16(cache) &&
                   cache.stride(0) % 8 == 0 && cache.stride(1) % 8 == 0,

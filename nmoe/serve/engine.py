@@ -301,6 +301,7 @@ class Engine:
             seq_lens=host["seq_lens"].to(dev),
             q_lens=[it.num_tokens for it in items],
             kv_caches=self.kv_caches,
+            seq_lens_host=host["seq_lens"].tolist(),
         )
         hidden = self.model(ids, attn)
         if not rows:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -142,10 +142,34 @@ class AttnBatch:
     # True for a CUDA-graph decode step: every row is one sequence's next token, shapes are static
     # (padded rows have length 0 and out_loc -1) and nothing may read a device value on the host
     static: bool = False
+    # seq_lens as the host knows them (the engine passes them): no layer has to read the device
+    # tensor back, which would stall the host until the device catches up, every layer
+    seq_lens_host: list[int] | None = None
+    _decode_index: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def decode_rows(self) -> list[int]:
         return [i for i, q in enumerate(self.q_lens) if q == 1]
+
+    @property
+    def starts(self) -> list[int]:
+        """Row of each sequence's first new token, and T at the end."""
+        out = [0]
+        for q in self.q_lens:
+            out.append(out[-1] + q)
+        return out
+
+    def context_len(self, i: int) -> int:
+        return self.seq_lens_host[i] if self.seq_lens_host is not None else int(self.seq_lens[i])
+
+    def decode_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row of each decode sequence's token, the sequence's index) on `device`: built once per
+        step and shared by every layer (one host-to-device copy, not one per layer)."""
+        if self._decode_index is None:
+            decode, starts = self.decode_rows, self.starts
+            self._decode_index = (torch.tensor([starts[i] for i in decode], device=device),
+                                  torch.tensor(decode, device=device))
+        return self._decode_index
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,13 +260,9 @@ class MLA(nn.Module):
                                         batch.seq_lens, static=True)
             return self._out_proj(out.transpose(0, 1))
         out = x.new_empty(x.shape[0], self.n_heads, self.cfg.v_head_dim)
-        starts = [0]
-        for q_len in batch.q_lens:
-            starts.append(starts[-1] + q_len)
-        decode = batch.decode_rows
-        if decode:
-            rows = torch.tensor([starts[i] for i in decode], device=x.device)
-            seqs = torch.tensor(decode, device=x.device)
+        starts = batch.starts
+        if batch.decode_rows:
+            rows, seqs = batch.decode_index(x.device)
             out[rows] = self._decode_absorbed(
                 q_nope[rows], q_pe[rows], batch.cos[rows], batch.sin[rows], cache, batch.block_table[seqs],
                 batch.seq_lens[seqs],
@@ -265,7 +285,7 @@ class MLA(nn.Module):
         """Queries of one sequence's chunk `[q, H, .]` over its whole cached context.
 
         Queries go in blocks so a long chunk's score matrix stays `[H, block, context]`."""
-        n = int(batch.seq_lens[i])
+        n = batch.context_len(i)
         ctx = gather_context(cache, batch.block_table[i], n).to(q_nope.dtype)
         c_kv, k_pe = ctx.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         if q_nope.is_cuda:

@@ -455,12 +455,6 @@ def combine_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, lo
     return moe_combine(experts.sorted(x, src_rows, offsets), pos, weights, add)
 
 
-def sum_topk(y: torch.Tensor, t: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """Slot rows `[t * k, H]` (slot t * k + j is token t's j-th expert) -> `[t, H]`: summed over j
-    in fp32, in j order. A plain reduction, not atomics, so it is deterministic on the GPU too."""
-    return y.view(t, k, y.shape[-1]).float().sum(1).to(dtype)
-
-
 @functools.cache
 def _mm_out_dtype_available() -> bool:
     """torch.mm(..., out_dtype=torch.float32) for BF16 inputs (torch >= 2.8)."""

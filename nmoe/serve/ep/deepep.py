@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from nmoe.serve.ep.transport import Dispatched, GroupComm, Transport, run_experts
-from nmoe.serve.model import sum_topk
 
 
 def import_deep_ep():
@@ -35,6 +34,12 @@ def import_deep_ep():
             f"which does not import here: {e}. Install it, or use NMOE_EP_TRANSPORT=a2a."
         ) from e
     return deep_ep
+
+
+def sum_topk(y: torch.Tensor, t: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Slot rows `[t * k, H]` (slot t * k + j is token t's j-th expert) -> `[t, H]`: summed over j
+    in fp32, in j order. A plain reduction, not atomics, so it is deterministic on the GPU too."""
+    return y.view(t, k, y.shape[-1]).float().sum(1).to(dtype)
 
 
 class DeepEPTransport(Transport):

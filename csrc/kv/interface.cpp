@@ -51,6 +51,16 @@ void check_cache(const char* op, const at::Tensor& cache) {
   TORCH_CHECK(cache.stride(2) == 1, op, ": cache must have unit stride in its last dim, got strides ", cache.strides());
 }
 
+// The cache's paging, in the fields every cache-writing params struct shares.
+template <class Params>
+void set_cache_layout(Params& p, const at::Tensor& cache) {
+  p.cache = cache.data_ptr();
+  p.page_size = static_cast<int>(cache.size(1));
+  p.pages = cache.size(0);
+  p.page_stride = cache.stride(0);
+  p.token_stride = cache.stride(1);
+}
+
 void check_index(const char* op, const char* name, const at::Tensor& t, const at::Tensor& cache) {
   check_tensor(op, name, t, 1, cache);
   TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
@@ -76,17 +86,13 @@ void kv_append_paged(const at::Tensor& cache, const at::Tensor& out_loc, const a
   p.k_pe_dtype = dtype_code(op, "k_pe", k_pe);
   if (tokens == 0) return;
   c10::cuda::CUDAGuard guard(cache.device());
-  p.cache = cache.data_ptr();
   p.c_kv = c_kv.data_ptr();
   p.k_pe = k_pe.data_ptr();
   p.out_loc = out_loc.data_ptr<int64_t>();
   p.tokens = tokens;
   p.rank = static_cast<int>(rank);
   p.rope = static_cast<int>(rope);
-  p.page_size = static_cast<int>(cache.size(1));
-  p.pages = cache.size(0);
-  p.page_stride = cache.stride(0);
-  p.token_stride = cache.stride(1);
+  set_cache_layout(p, cache);
   p.c_kv_stride = c_kv.stride(0);
   p.k_pe_stride = k_pe.stride(0);
   const bool same16 = p.cache_dtype != Dtype::kF32 && p.c_kv_dtype == p.cache_dtype && p.k_pe_dtype == p.cache_dtype;
@@ -131,7 +137,6 @@ void kv_norm_rope_append(const at::Tensor& cache, const at::Tensor& out_loc, con
   if (tokens == 0) return;
   c10::cuda::CUDAGuard guard(cache.device());
   KvNormRopeParams p{};
-  p.cache = cache.data_ptr();
   p.kv = kv.data_ptr();
   p.weight = weight.data_ptr();
   p.cos = cos.data_ptr<float>();
@@ -141,10 +146,7 @@ void kv_norm_rope_append(const at::Tensor& cache, const at::Tensor& out_loc, con
   p.kv_stride = kv.stride(0);
   p.rank = static_cast<int>(rank);
   p.rope = static_cast<int>(rope);
-  p.page_size = static_cast<int>(cache.size(1));
-  p.pages = cache.size(0);
-  p.page_stride = cache.stride(0);
-  p.token_stride = cache.stride(1);
+  set_cache_layout(p, cache);
   p.eps = static_cast<float>(eps);
   const char* err = kv_norm_rope_append_launch(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);

@@ -213,7 +213,6 @@ class Engine:
         self.stats["steps"] += 1
         return touched
 
-
     @torch.no_grad()
     def forward_idle(self) -> None:
         """A forward with no tokens (T=0): enters every collective of the MoE layers, as lockstep needs."""

@@ -145,7 +145,7 @@ class AttnBatch:
     # seq_lens as the host knows them (the engine passes them): no layer has to read the device
     # tensor back, which would stall the host until the device catches up, every layer
     seq_lens_host: list[int] | None = None
-    _decode_index: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _decode_inputs: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     @property
     def decode_rows(self) -> list[int]:
@@ -162,14 +162,15 @@ class AttnBatch:
     def context_len(self, i: int) -> int:
         return self.seq_lens_host[i] if self.seq_lens_host is not None else int(self.seq_lens[i])
 
-    def decode_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row of each decode sequence's token, the sequence's index) on `device`: built once per
-        step and shared by every layer (one host-to-device copy, not one per layer)."""
-        if self._decode_index is None:
-            decode, starts = self.decode_rows, self.starts
-            self._decode_index = (torch.tensor([starts[i] for i in decode], device=device),
-                                  torch.tensor(decode, device=device))
-        return self._decode_index
+    def decode_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The decode sequences' (token rows, cos, sin, block table rows, lengths): gathered once
+        per step (after the model has set cos/sin) and shared by every layer."""
+        if self._decode_inputs is None:
+            decode, starts, dev = self.decode_rows, self.starts, self.positions.device
+            rows = torch.tensor([starts[i] for i in decode], device=dev)
+            seqs = torch.tensor(decode, device=dev)
+            self._decode_inputs = (rows, self.cos[rows], self.sin[rows], self.block_table[seqs], self.seq_lens[seqs])
+        return self._decode_inputs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,11 +263,9 @@ class MLA(nn.Module):
         out = x.new_empty(x.shape[0], self.n_heads, self.cfg.v_head_dim)
         starts = batch.starts
         if batch.decode_rows:
-            rows, seqs = batch.decode_index(x.device)
-            out[rows] = self._decode_absorbed(
-                q_nope[rows], q_pe[rows], batch.cos[rows], batch.sin[rows], cache, batch.block_table[seqs],
-                batch.seq_lens[seqs],
-            ).transpose(0, 1)
+            rows, cos, sin, block_table, seq_lens = batch.decode_inputs()
+            out[rows] = self._decode_absorbed(q_nope[rows], q_pe[rows], cos, sin, cache, block_table,
+                                              seq_lens).transpose(0, 1)
         for i, q_len in enumerate(batch.q_lens):
             if q_len > 1:
                 sl = slice(starts[i], starts[i] + q_len)
@@ -477,7 +476,7 @@ class MoE(nn.Module):
         w = self.gate_weight
         if x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and _mm_out_dtype_available():
             # BF16 x BF16 products are exact in fp32: the fp32 logits on tensor cores, fp32 accumulate
-            # (a SIMT fp32 GEMM of 32 x 7168 x 256 took 14 us of a decode layer, this one about 3)
+            # (a SIMT fp32 GEMM of 32 x 7168 x 256 took 14 us of a decode layer, this one about 7)
             logits = torch.mm(x, w.t(), out_dtype=torch.float32)
         else:
             logits = F.linear(x.float(), w.float())

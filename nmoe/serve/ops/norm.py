@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from nmoe.serve.ops._ext import use_cuda
 
+MAX_KERNEL_HIDDEN = 16384  # csrc/norm/params.h kMaxHidden: a row held in one block's registers
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x * rsqrt(mean(x^2) + eps) * weight` over the last dim, in fp32, returned in x's dtype."""
@@ -21,7 +23,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dim() == 2 and x.dtype == weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0
-            and x.shape[-1] <= 16384 and use_cuda(x, weight))
+            and x.shape[-1] <= MAX_KERNEL_HIDDEN and use_cuda(x, weight))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,

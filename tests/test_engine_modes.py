@@ -68,29 +68,34 @@ def test_many_chunk_prompt_matches_unchunked():
     assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
 
-@pytest.mark.parametrize("n_prompts", [3, 5])  # buckets of 4 and 8: padded rows of length 0
-def test_padded_static_decode_matches_eager(tiny_random_dir, n_prompts):
-    """The CUDA-graph decode path (static buffers, padded bucket, no host reads), run eagerly on CPU:
-    the same tokens and logprobs as the ordinary decode path."""
-    from nmoe.serve.decode_graphs import DecodeGraphs
+@pytest.mark.parametrize("n_prompts,prefill_rows", [(3, 0), (5, 0), (5, 64)])
+def test_padded_static_step_matches_eager(tiny_random_dir, n_prompts, prefill_rows):
+    """The CUDA-graph step path (static buffers, padded buckets, no host reads), run eagerly on CPU:
+    the same tokens and logprobs as the ordinary path. Decode buckets of 4 and 8 give padded rows
+    of length 0; with `prefill_rows` the prefill chunks (alone, and beside decodes in mixed steps)
+    take the piecewise path too, their attention between the static stretches."""
+    from nmoe.serve.step_graphs import StepGraphs
 
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (4, 19, 33, 2, 60)[:n_prompts]]
     params = [SamplingParams(max_tokens=6 + i, temperature=0.0, logprobs=True, ignore_eos=True) for i in range(n_prompts)]
-    kw = dict(model=tiny_random_dir, num_pages=64, page_size=16, max_seq_len=256, max_batch_size=16)
+    kw = dict(model=tiny_random_dir, num_pages=64, page_size=16, max_seq_len=256, max_batch_size=16,
+              chunk_size=32, max_prefill_tokens=48)
     eager = LLM(**kw).generate(prompts, params)
     llm = LLM(**kw)
     eng = llm.engine
-    runner = DecodeGraphs(eng.model, eng.kv_caches, 16, 256 // 16, capture=False)
-    used = []
-
-    def graphs():
-        used.append(1)
-        return runner
-
-    eng.decode_graphs = graphs
+    runner = StepGraphs(eng.model, eng.kv_caches, 16, 256 // 16, max_prefill_tokens=prefill_rows, capture=False)
+    shapes = []
+    forward = runner._forward
+    runner._forward = lambda nd, np_, attend: shapes.append((nd, np_)) or forward(nd, np_, attend)
+    eng.step_graphs = lambda: runner
     static = llm.generate(prompts, params)
-    assert used, "the decode steps did not take the static path"
+    assert any(p == 0 for _, p in shapes), "the decode steps did not take the static path"
+    if prefill_rows:
+        assert any(d and p for d, p in shapes), "no mixed step took the static path"
+        assert any(d == 0 and p for d, p in shapes), "no prefill-only step took the static path"
+    else:
+        assert all(p == 0 for _, p in shapes)
     for a, b in zip(eager, static):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4

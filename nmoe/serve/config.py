@@ -244,7 +244,8 @@ class ServeConfig:
     disable_chunked_prefill: bool = False
     disable_mixed_steps: bool = False  # decode steps and prefill steps never share a forward
     mixed_prefill_tokens: int = 0  # prefill tokens in a step that also decodes (0: max_prefill_tokens)
-    disable_cuda_graph: bool = False  # CUDA: launch decode steps eagerly instead of replaying graphs
+    disable_cuda_graph: bool = False  # CUDA: launch every step eagerly instead of replaying graphs
+    cuda_graph_prefill_tokens: int = 512  # CUDA: steps with at most this many prefill tokens replay graphs
     disable_overlap: bool = False  # CUDA: deliver each step's tokens before scheduling the next
     seed: int = 0
     debug_invariants: bool = False
@@ -259,6 +260,9 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if not isinstance(self.mixed_prefill_tokens, int) or self.mixed_prefill_tokens < 0:
             raise ValueError(f"--mixed-prefill-tokens must be 0 (off) or positive, got {self.mixed_prefill_tokens!r}")
+        if not isinstance(self.cuda_graph_prefill_tokens, int) or self.cuda_graph_prefill_tokens < 0:
+            raise ValueError("--cuda-graph-prefill-tokens must be 0 (pure decode steps only) or positive, "
+                             f"got {self.cuda_graph_prefill_tokens!r}")
 
     @classmethod
     def fields(cls) -> list[str]:

@@ -14,12 +14,13 @@ import torch
 from nmoe.serve import shards
 from nmoe.serve.ckpt import load_config, load_weights, resolve_model_path
 from nmoe.serve.config import ModelConfig, ServeConfig
-from nmoe.serve.decode_graphs import DecodeGraphs, exchanging_transport, not_capturable
 from nmoe.serve.dist import RankInfo
+from nmoe.serve.host_copy import to_device
 from nmoe.serve.model import AttnBatch, DeepseekV3
 from nmoe.serve.ops.sampling import sample, score_tokens
 from nmoe.serve.request import OutputMode, Request, RequestOutput, SamplingParams
 from nmoe.serve.scheduler import Batch, Scheduler, SchedulerConfig, Sequence
+from nmoe.serve.step_graphs import StepGraphs, exchanging_transport, not_capturable
 from nmoe.serve.tokenizer import Tokenizer
 
 PLACEHOLDER = -1  # a sampled token not yet on the host (overlap); its value lives on the device
@@ -80,7 +81,7 @@ class Engine:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the caches' zero-fill
-        self._graphs: DecodeGraphs | None = None  # built at the first decode step that can use them
+        self._graphs: StepGraphs | None = None  # built at the first step that can use them
         # overlap (CUDA): step k+1 is scheduled and launched before step k's tokens reach the host;
         # the host then delivers step k while the device runs step k+1
         self.overlap = self.stream is not None and not cfg.disable_overlap
@@ -232,14 +233,16 @@ class Engine:
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
-    def decode_graphs(self) -> DecodeGraphs | None:
-        """The CUDA-graph runner for decode steps, or None where graphs are off (CPU,
-        `--disable-cuda-graph`, or a forward that cannot be captured: see `not_capturable`)."""
+    def step_graphs(self) -> StepGraphs | None:
+        """The CUDA-graph runner for decode steps and steps of at most `--cuda-graph-prefill-tokens`
+        prefill tokens, or None where graphs are off (CPU, `--disable-cuda-graph`, or a forward that
+        cannot be captured: see `not_capturable`)."""
         if self.stream is None or self.cfg.disable_cuda_graph or not_capturable(self.model) is not None:
             return None
         if self._graphs is None:
             max_pages = -(-self.cfg.max_seq_len // self.cfg.page_size)
-            self._graphs = DecodeGraphs(self.model, self.kv_caches, self.cfg.max_batch_size, max_pages)
+            self._graphs = StepGraphs(self.model, self.kv_caches, self.cfg.max_batch_size, max_pages,
+                                      self.cfg.cuda_graph_prefill_tokens)
         return self._graphs
 
     def _forward_groups(self, batch: Batch) -> list[list]:
@@ -288,29 +291,29 @@ class Engine:
             offset += it.num_tokens
         dev = self.device
         ids = self._device_ids(items, host.pop("ids"))
-        graphs = self.decode_graphs() if all(it.num_tokens == 1 for it in items) else None
-        if graphs is not None and graphs.fits(len(items), host["block_table"].shape[1]):
+        q_lens = [it.num_tokens for it in items]
+        graphs = self.step_graphs()
+        if graphs is not None and graphs.fits(q_lens, host["block_table"].shape[1]):
             with self._on_stream():  # a capture must not run on the default stream
-                logits = graphs.run(ids, **host)  # every row is a decode row: the logits of all of them
-                return wants, logits[torch.tensor(rows, device=dev)] if rows else logits[:0]
+                return wants, graphs.run(ids, q_lens=q_lens, rows=rows, **host)
         attn = AttnBatch(
-            positions=host["positions"].to(dev),
-            out_loc=host["out_loc"].to(dev),
-            block_table=host["block_table"].to(dev),
-            seq_lens=host["seq_lens"].to(dev),
-            q_lens=[it.num_tokens for it in items],
+            positions=to_device(host["positions"], dev),
+            out_loc=to_device(host["out_loc"], dev),
+            block_table=to_device(host["block_table"], dev),
+            seq_lens=to_device(host["seq_lens"], dev),
+            q_lens=q_lens,
             kv_caches=self.kv_caches,
             seq_lens_host=host["seq_lens"].tolist(),
         )
         hidden = self.model(ids, attn)
         if not rows:
             return [], hidden.new_zeros(0, self.model_cfg.vocab_size)
-        return wants, self.model.logits(hidden[torch.tensor(rows, device=dev)])
+        return wants, self.model.logits(hidden[to_device(rows, dev, torch.long)])
 
     def _device_ids(self, items: list, ids: torch.Tensor) -> torch.Tensor:
         """The items' input ids on the device, placeholders replaced by the sampled tokens that are
         still there (overlap): no host round trip between consecutive steps."""
-        out = ids.to(self.device)
+        out = to_device(ids, self.device)
         subs: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
         offset = 0
         for it in items:
@@ -322,7 +325,7 @@ class Engine:
                 entry[2].append(row)
             offset += it.num_tokens
         for tokens, pos, rows in subs.values():
-            out[torch.tensor(pos, device=self.device)] = tokens[torch.tensor(rows, device=self.device)]
+            out[to_device(pos, self.device, torch.long)] = tokens[to_device(rows, tokens.device, torch.long)]
         return out
 
     def _logit_positions(self, req: Request, it) -> list[tuple[int, int | None]]:
@@ -348,7 +351,7 @@ class Engine:
         rows = [i for i, (r, _) in enumerate(wants) if r.params.mode is OutputMode.LOGITS]
         host_logits = {}
         if rows:  # copied now: a graph's logits buffer is overwritten by the next replay
-            picked = logits[torch.tensor(rows, device=logits.device)].float().to("cpu", non_blocking=True)
+            picked = logits[to_device(rows, logits.device, torch.long)].float().to("cpu", non_blocking=True)
             host_logits = dict(zip(rows, picked.unbind(0)))
         ready = None
         if self.stream is not None:
@@ -435,24 +438,24 @@ class Engine:
         k = max(x.num_top_logprobs for x in p)
         processed_top = any(x.logprobs_mode == "processed" for x in p)
         kw = dict(
-            temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([x.top_k for x in p], dtype=torch.int32, device=dev),
-            top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev),
-            min_p=torch.tensor([x.min_p for x in p], dtype=torch.float32, device=dev),
+            temperature=to_device([x.temperature for x in p], dev, torch.float32),
+            top_k=to_device([x.top_k for x in p], dev, torch.int32),
+            top_p=to_device([x.top_p for x in p], dev, torch.float32),
+            min_p=to_device([x.min_p for x in p], dev, torch.float32),
             num_top_logprobs=k,
             top_from_processed=processed_top,
         )
         sampled = sample(
             logits,
-            seed=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
-            position=torch.tensor([len(r.seq.token_ids) for r in reqs], dtype=torch.int64, device=dev),
+            seed=to_device([r.seed for r in reqs], dev, torch.int64),
+            position=to_device([len(r.seq.token_ids) for r in reqs], dev, torch.int64),
             **kw,
         )
         if all(t is None for t in targets):
             return sampled
-        given = torch.tensor([t if t is not None else 0 for t in targets], device=dev)
+        given = to_device([t if t is not None else 0 for t in targets], dev, torch.long)
         scored = score_tokens(logits, given, **kw)
-        is_forced = torch.tensor([t is not None for t in targets], device=dev)
+        is_forced = to_device([t is not None for t in targets], dev, torch.bool)
         for f in ("tokens", "logprobs_raw", "logprobs_processed"):
             setattr(sampled, f, torch.where(is_forced, getattr(scored, f), getattr(sampled, f)))
         if k:

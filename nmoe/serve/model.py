@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmoe.serve.config import ModelConfig
+from nmoe.serve.host_copy import to_device
 from nmoe.serve.ops.attention import mla_decode_paged, mla_decode_q
 from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_fp8_act
 from nmoe.serve.ops.kv import gather_context, kv_norm_rope_append
@@ -139,9 +141,14 @@ class AttnBatch:
     kv_caches: list[torch.Tensor]  # per layer [num_pages, page_size, kv_lora_rank + rope_dim]
     cos: torch.Tensor | None = None  # [T, rope_dim / 2], filled by the model
     sin: torch.Tensor | None = None
-    # True for a CUDA-graph decode step: every row is one sequence's next token, shapes are static
-    # (padded rows have length 0 and out_loc -1) and nothing may read a device value on the host
+    # True for a CUDA-graph step: shapes are static (padded rows have length 0 and out_loc -1) and
+    # nothing may read a device value on the host. Rows [0, num_decode) are one decode token per
+    # sequence (`block_table`, `seq_lens` are theirs); the rows after them are prefill tokens, whose
+    # attention the graph runner computes between graphs through `prefill_attention`
     static: bool = False
+    num_decode: int | None = None  # static: the decode rows (None: every row)
+    # static: (mla, q_nope [P, H, nope], q_pe [P, H, rope] rotated, cache) -> [P, H, v]
+    prefill_attention: Callable | None = None
     # seq_lens as the host knows them (the engine passes them): no layer has to read the device
     # tensor back, which would stall the host until the device catches up, every layer
     seq_lens_host: list[int] | None = None
@@ -167,8 +174,8 @@ class AttnBatch:
         per step (after the model has set cos/sin) and shared by every layer."""
         if self._decode_inputs is None:
             decode, starts, dev = self.decode_rows, self.starts, self.positions.device
-            rows = torch.tensor([starts[i] for i in decode], device=dev)
-            seqs = torch.tensor(decode, device=dev)
+            rows = to_device([starts[i] for i in decode], dev, torch.long)
+            seqs = to_device(decode, dev, torch.long)
             self._decode_inputs = (rows, self.cos[rows], self.sin[rows], self.block_table[seqs], self.seq_lens[seqs])
         return self._decode_inputs
 
@@ -256,10 +263,16 @@ class MLA(nn.Module):
         norm = self.kv_a_layernorm
         kv_norm_rope_append(cache, batch.out_loc, kv, norm.weight, norm.eps, batch.cos, batch.sin)
         q_nope, q_pe = self._split_q(q)
-        if batch.static:  # one decode token per row, in sequence order: no row bookkeeping
-            out = self._decode_absorbed(q_nope, q_pe, batch.cos, batch.sin, cache, batch.block_table,
-                                        batch.seq_lens, static=True)
-            return self._out_proj(out.transpose(0, 1))
+        if batch.static:  # decode rows first, one per sequence, then prefill rows: no row bookkeeping
+            d = x.shape[0] if batch.num_decode is None else batch.num_decode
+            parts = []
+            if d:
+                parts.append(self._decode_absorbed(q_nope[:d], q_pe[:d], batch.cos[:d], batch.sin[:d], cache,
+                                                   batch.block_table, batch.seq_lens, static=True).transpose(0, 1))
+            if d < x.shape[0]:
+                q_pe_p = apply_rope(q_pe[d:], batch.cos[d:], batch.sin[d:])
+                parts.append(batch.prefill_attention(self, q_nope[d:], q_pe_p, cache))
+            return self._out_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
         out = x.new_empty(x.shape[0], self.n_heads, self.cfg.v_head_dim)
         starts = batch.starts
         if batch.decode_rows:
@@ -270,7 +283,7 @@ class MLA(nn.Module):
             if q_len > 1:
                 sl = slice(starts[i], starts[i] + q_len)
                 q_pe_i = apply_rope(q_pe[sl], batch.cos[sl], batch.sin[sl])
-                out[sl] = self._prefill_naive(q_nope[sl], q_pe_i, cache, batch, i)
+                out[sl] = self.prefill_attention(q_nope[sl], q_pe_i, cache, batch.block_table[i], batch.context_len(i))
         return self._out_proj(out)
 
     def _out_proj(self, o: torch.Tensor) -> torch.Tensor:
@@ -280,12 +293,12 @@ class MLA(nn.Module):
             return self.o_proj.forward_quantized(*quant_fp8_act(o))
         return self.o_proj(o.flatten(1))
 
-    def _prefill_naive(self, q_nope, q_pe, cache, batch: AttnBatch, i: int, block: int = 1024) -> torch.Tensor:
-        """Queries of one sequence's chunk `[q, H, .]` over its whole cached context.
+    def prefill_attention(self, q_nope, q_pe, cache, table_row: torch.Tensor, n: int, block: int = 1024) -> torch.Tensor:
+        """Queries of one sequence's chunk `[q, H, .]` (q_pe rotated) over its whole cached context of
+        `n` tokens (pages `table_row`), the chunk's own latents already appended; naive MLA form.
 
         Queries go in blocks so a long chunk's score matrix stays `[H, block, context]`."""
-        n = batch.context_len(i)
-        ctx = gather_context(cache, batch.block_table[i], n).to(q_nope.dtype)
+        ctx = gather_context(cache, table_row, n).to(q_nope.dtype)
         c_kv, k_pe = ctx.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         if q_nope.is_cuda:
             return self._prefill_sdpa(q_nope, q_pe, c_kv, k_pe)
@@ -306,6 +319,9 @@ class MLA(nn.Module):
     # context tokens x heads expanded at once in the SDPA prefill: bounds its transient memory
     # (a 128k-token context expands 32 heads at a time, about 2 GB in BF16)
     PREFILL_EXPAND_TOKEN_HEADS = 1 << 22
+    # pad v (128) to the query/key width (192) in the SDPA prefill: torch's flash kernel needs one
+    # head width for q, k and v; without the pad SDPA picks a kernel that allows v narrower
+    PREFILL_PAD_V = False
 
     def _prefill_sdpa(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
         """The same attention through torch's fused SDPA (CUDA): the chunk's queries are the last
@@ -326,11 +342,14 @@ class MLA(nn.Module):
             kv = F.linear(c_kv, w[h0:h1].reshape(-1, cfg.kv_lora_rank)).view(n, h1 - h0, -1)
             k = torch.cat([kv[..., :nope], k_pe[:, None, :].expand(n, h1 - h0, -1)], dim=-1)
             q = torch.cat([q_nope[:, h0:h1], q_pe[:, h0:h1]], dim=-1)
+            v = kv[..., nope:]
+            if self.PREFILL_PAD_V:
+                v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
             o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], kv[..., nope:].transpose(0, 1)[None],
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                 attn_mask=mask, scale=self.scale,
             )
-            out[:, h0:h1] = o[0].transpose(0, 1)
+            out[:, h0:h1] = o[0, ..., : cfg.v_head_dim].transpose(0, 1)
         return out
 
     def _decode_absorbed(self, q_nope, q_pe, cos, sin, cache, block_table, seq_lens, static: bool = False):

@@ -46,28 +46,36 @@ def test_cuda_engine_matches_cpu(model, kv, tiny_random_dir):
         assert same >= len(prompts) - 3 and worst < 0.5
 
 
+@pytest.mark.parametrize("steps", ["decode", "mixed"])
 @pytest.mark.parametrize("model", ["tiny", "random"])
-def test_cuda_graph_decode_matches_eager(model, tiny_random_dir):
-    """Decode replayed from CUDA graphs (several buckets, padded rows) with the overlap on: bitwise
+def test_cuda_graph_steps_match_eager(model, steps, tiny_random_dir):
+    """Steps replayed from CUDA graphs (several buckets, padded rows) with the overlap on: bitwise
     the same as the same static padded forward run eagerly, and the same tokens as
-    `--disable-cuda-graph --disable-overlap`."""
-    from nmoe.serve.decode_graphs import DecodeGraphs
+    `--disable-cuda-graph --disable-overlap`. "mixed": 64-token prefill steps, so the long prompts
+    prefill in chunks beside the short ones' decodes, replayed piecewise."""
+    from nmoe.serve.step_graphs import StepGraphs
 
     path = "tiny" if model == "tiny" else tiny_random_dir
+    kw = dict(max_prefill_tokens=64, chunk_size=32) if steps == "mixed" else {}
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (3, 9, 40, 120, 7, 66, 250)]
     params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0.0, logprobs=True, ignore_eos=True)
               for i in range(len(prompts))]  # the batch shrinks: buckets 8, 4, 2, 1
-    eager = _llm("cuda", path, disable_cuda_graph=True, disable_overlap=True).generate(prompts, params)
-    llm = _llm("cuda", path)
+    eager = _llm("cuda", path, disable_cuda_graph=True, disable_overlap=True, **kw).generate(prompts, params)
+    llm = _llm("cuda", path, **kw)
     graphed = llm.generate(prompts, params)
     runner = llm.engine._graphs
-    assert runner is not None and len(runner.graphs) >= 3, "decode steps were not captured"
+    assert runner is not None and len([k for k in runner.graphs if k[1] == 0]) >= 3, "decode steps were not captured"
+    if steps == "mixed":
+        assert any(d and p for d, p in runner.graphs), "mixed steps were not captured"
+        assert all(len(g) == llm.engine.model_cfg.num_hidden_layers + 1 for g, _, _ in
+                   (runner.graphs[k] for k in runner.graphs if k[1])), "a step with prefill rows is one graph per layer + 1"
 
-    static_llm = _llm("cuda", path)
+    static_llm = _llm("cuda", path, **kw)
     eng = static_llm.engine
-    static_runner = DecodeGraphs(eng.model, eng.kv_caches, eng.cfg.max_batch_size, runner.max_pages, capture=False)
-    eng.decode_graphs = lambda: static_runner
+    static_runner = StepGraphs(eng.model, eng.kv_caches, eng.cfg.max_batch_size, runner.max_pages,
+                               eng.cfg.cuda_graph_prefill_tokens, capture=False)
+    eng.step_graphs = lambda: static_runner
     static = static_llm.generate(prompts, params)
 
     worst, diverged = 0.0, 0

@@ -3,10 +3,12 @@ the context expanded through kv_b_proj a group of heads at a time, torch SDPA wi
 causal mask), per SDPA backend, beside the bf16 matmul rate measured in the same run.
 
 FLOPs = 2 * heads * (qk 192 + v 128) * (query, key) pairs under the mask; "% matmul" = FLOPs / time
-over the measured matmul rate. Rows: the shipped call (SDPA picks its backend), each backend forced,
-and v padded to 192 (which torch's flash kernel needs). A backend that refuses the shapes is "n/a".
+over the measured matmul rate. Rows: the shipped call (`MLA.PREFILL_SDPA_BACKENDS`), flash and
+memory-efficient first (what torch 2.11 picks by itself on the H200: the memory-efficient kernel),
+and each backend forced (flash refuses v narrower than q and k). A refusal is "n/a". Queries of 2048
+are a long prompt's chunk, 256 a mixed step's prefill budget.
 
-    python benchmarks/bench_prefill_attention.py [--q 2048] [--ctx 4096 32768 131072]
+    python benchmarks/bench_prefill_attention.py [--q 256 2048] [--ctx 4096 32768 131072]
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import os
 import sys
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _roofline import bf16_matmul_rate, time_us  # noqa: E402
@@ -35,25 +36,28 @@ def make_mla() -> MLA:
     return mla
 
 
-def attend(mla: MLA, backend, *inputs) -> torch.Tensor:
-    if backend is None:
+def attend(mla: MLA, backends, *inputs) -> torch.Tensor:
+    """`_prefill_sdpa` with `backends` (names of SDPBackend, in priority order) or, for None, the
+    backends torch picks by itself."""
+    shipped = MLA.PREFILL_SDPA_BACKENDS
+    MLA.PREFILL_SDPA_BACKENDS = backends or ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+    try:
         return mla._prefill_sdpa(*inputs)
-    with sdpa_kernel([backend]):
-        return mla._prefill_sdpa(*inputs)
+    finally:
+        MLA.PREFILL_SDPA_BACKENDS = shipped
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--q", type=int, default=2048)
+    ap.add_argument("--q", type=int, nargs="+", default=[256, 2048])
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 32768, 131072])
     args = ap.parse_args()
     peak = bf16_matmul_rate()
     mla = make_mla()
     h = mla.n_heads
-    print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s; chunk of {args.q} queries, {h} heads")
+    print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s; {h} heads")
     rows = []
-    for n in args.ctx:
-        q = min(args.q, n)
+    for q, n in ((q, n) for q in args.q for n in args.ctx if q <= n):
         pairs = q * (n - q) + q * (q + 1) // 2
         flops = 2 * h * (192 + 128) * pairs
         qn = torch.randn(q, h, 128, device="cuda", dtype=torch.bfloat16)
@@ -61,31 +65,26 @@ def main() -> int:
         c_kv = torch.randn(n, 512, device="cuda", dtype=torch.bfloat16)
         k_pe = torch.randn(n, 64, device="cuda", dtype=torch.bfloat16)
         ref = None
-        for name, backend, pad in (("shipped (auto)", None, False), ("auto, v padded", None, True),
-                                   ("flash, v padded", SDPBackend.FLASH_ATTENTION, True),
-                                   ("efficient", SDPBackend.EFFICIENT_ATTENTION, False),
-                                   ("cudnn", SDPBackend.CUDNN_ATTENTION, False),
-                                   ("cudnn, v padded", SDPBackend.CUDNN_ATTENTION, True)):
-            MLA.PREFILL_PAD_V = pad
-
-            call = functools.partial(attend, mla, backend, qn, qp, c_kv, k_pe)
+        for name, backends in (("shipped", MLA.PREFILL_SDPA_BACKENDS), ("flash, efficient first", None),
+                               ("cudnn", ("CUDNN_ATTENTION",)), ("efficient", ("EFFICIENT_ATTENTION",)),
+                               ("flash", ("FLASH_ATTENTION",))):
+            call = functools.partial(attend, mla, backends, qn, qp, c_kv, k_pe)
             try:
                 out = call()
                 t = time_us(call, iters=3 if n > 65536 else 10, warmup=1)
             except RuntimeError as e:
-                rows.append((n, name, None, None, str(e).split("\n")[0][:60]))
+                rows.append((q, n, name, None, None, str(e).split("\n")[0][:60]))
                 continue
             ref = out if ref is None else ref
             diff = (out.float() - ref.float()).abs().max().item()
-            rows.append((n, name, t, flops / (t * 1e-6), f"max diff vs shipped {diff:.2e}"))
-        MLA.PREFILL_PAD_V = False
-    print("| ctx | call | ms | TFLOP/s | % matmul | note |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for n, name, t, rate, note in rows:
+            rows.append((q, n, name, t, flops / (t * 1e-6), f"max diff vs shipped {diff:.2e}"))
+    print("| queries | ctx | call | ms | TFLOP/s | % matmul | note |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for q, n, name, t, rate, note in rows:
         if t is None:
-            print(f"| {n} | {name} | n/a | | | {note} |")
+            print(f"| {q} | {n} | {name} | n/a | | | {note} |")
         else:
-            print(f"| {n} | {name} | {t / 1e3:.2f} | {rate / 1e12:.0f} | {100 * rate / peak:.0f}% | {note} |")
+            print(f"| {q} | {n} | {name} | {t / 1e3:.2f} | {rate / 1e12:.0f} | {100 * rate / peak:.0f}% | {note} |")
     return 0
 
 

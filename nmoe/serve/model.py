@@ -319,15 +319,17 @@ class MLA(nn.Module):
     # context tokens x heads expanded at once in the SDPA prefill: bounds its transient memory
     # (a 128k-token context expands 32 heads at a time, about 2 GB in BF16)
     PREFILL_EXPAND_TOKEN_HEADS = 1 << 22
-    # pad v (128) to the query/key width (192) in the SDPA prefill: torch's flash kernel needs one
-    # head width for q, k and v; without the pad SDPA picks a kernel that allows v narrower
-    PREFILL_PAD_V = False
+    # SDPA kernels for the prefill, in priority order. cuDNN first: on the H200 it ran a 2048-query
+    # chunk at 279 TFLOP/s against 124 for the memory-efficient kernel torch picks by itself (flash
+    # needs v as wide as q and k: padded to 192 it gave 208); benchmarks/bench_prefill_attention.py
+    PREFILL_SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
     def _prefill_sdpa(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
         """The same attention through torch's fused SDPA (CUDA): the chunk's queries are the last
         `q` of the `n` context tokens, hence the lower-right causal mask. No `[H, q, n]` score matrix
         is materialized and the context is expanded through `kv_b_proj` a group of heads at a time,
         which is what lets a 128k-token prompt prefill."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.attention.bias import causal_lower_right
 
         cfg, heads = self.cfg, self.n_heads
@@ -336,20 +338,19 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(heads, nope + cfg.v_head_dim, cfg.kv_lora_rank)
         group = max(1, min(heads, self.PREFILL_EXPAND_TOKEN_HEADS // n))
         mask = causal_lower_right(q_len, n)
+        backends = [getattr(SDPBackend, b) for b in self.PREFILL_SDPA_BACKENDS]
         out = q_nope.new_empty(q_len, heads, cfg.v_head_dim)
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)
             kv = F.linear(c_kv, w[h0:h1].reshape(-1, cfg.kv_lora_rank)).view(n, h1 - h0, -1)
             k = torch.cat([kv[..., :nope], k_pe[:, None, :].expand(n, h1 - h0, -1)], dim=-1)
             q = torch.cat([q_nope[:, h0:h1], q_pe[:, h0:h1]], dim=-1)
-            v = kv[..., nope:]
-            if self.PREFILL_PAD_V:
-                v = F.pad(v, (0, k.shape[-1] - v.shape[-1]))
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                attn_mask=mask, scale=self.scale,
-            )
-            out[:, h0:h1] = o[0, ..., : cfg.v_head_dim].transpose(0, 1)
+            with sdpa_kernel(backends, set_priority=True):
+                o = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], k.transpose(0, 1)[None], kv[..., nope:].transpose(0, 1)[None],
+                    attn_mask=mask, scale=self.scale,
+                )
+            out[:, h0:h1] = o[0].transpose(0, 1)
         return out
 
     def _decode_absorbed(self, q_nope, q_pe, cos, sin, cache, block_table, seq_lens, static: bool = False):

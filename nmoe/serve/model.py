@@ -320,24 +320,30 @@ class MLA(nn.Module):
     # (a 128k-token context expands 32 heads at a time, about 2 GB in BF16)
     PREFILL_EXPAND_TOKEN_HEADS = 1 << 22
     # SDPA kernels for the prefill, in priority order. cuDNN first: on the H200 it ran a 2048-query
-    # chunk at 279 TFLOP/s against 124 for the memory-efficient kernel torch picks by itself (flash
-    # needs v as wide as q and k: padded to 192 it gave 208); benchmarks/bench_prefill_attention.py
-    PREFILL_SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+    # chunk over a 128k context at 278 TFLOP/s against 120 for the memory-efficient kernel (flash
+    # takes no mask and needs v as wide as q and k); benchmarks/bench_prefill_attention.py
+    PREFILL_SDPA_BACKENDS = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
     def _prefill_sdpa(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
         """The same attention through torch's fused SDPA (CUDA): the chunk's queries are the last
-        `q` of the `n` context tokens, hence the lower-right causal mask. No `[H, q, n]` score matrix
+        `q` of the `n` context tokens, hence a lower-right causal mask. No `[H, q, n]` score matrix
         is materialized and the context is expanded through `kv_b_proj` a group of heads at a time,
-        which is what lets a 128k-token prompt prefill."""
+        which is what lets a 128k-token prompt prefill.
+
+        The mask is a `[q, n]` boolean tensor (or `is_causal` when q == n): torch's
+        `causal_lower_right` bias dispatches itself to the flash or memory-efficient kernels only,
+        never to cuDNN."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.attention.bias import causal_lower_right
 
         cfg, heads = self.cfg, self.n_heads
         q_len, n = q_nope.shape[0], c_kv.shape[0]
         nope = cfg.qk_nope_head_dim
         w = self.kv_b_proj.weight.view(heads, nope + cfg.v_head_dim, cfg.kv_lora_rank)
         group = max(1, min(heads, self.PREFILL_EXPAND_TOKEN_HEADS // n))
-        mask = causal_lower_right(q_len, n)
+        mask = None
+        if q_len != n:  # query i is position n - q + i: it sees keys 0 ..= n - q + i
+            dev = c_kv.device
+            mask = torch.arange(n, device=dev)[None, :] <= torch.arange(n - q_len, n, device=dev)[:, None]
         backends = [getattr(SDPBackend, b) for b in self.PREFILL_SDPA_BACKENDS]
         out = q_nope.new_empty(q_len, heads, cfg.v_head_dim)
         for h0 in range(0, heads, group):
@@ -348,7 +354,7 @@ class MLA(nn.Module):
             with sdpa_kernel(backends, set_priority=True):
                 o = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], k.transpose(0, 1)[None], kv[..., nope:].transpose(0, 1)[None],
-                    attn_mask=mask, scale=self.scale,
+                    attn_mask=mask, is_causal=mask is None, scale=self.scale,
                 )
             out[:, h0:h1] = o[0].transpose(0, 1)
         return out

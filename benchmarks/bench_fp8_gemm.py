@@ -23,7 +23,15 @@ import torch
 
 from nmoe.serve.ops import moe_gemm
 from nmoe.serve.ops._ext import cuda_ops_available
-from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, fp8_gemm_ref, quant_block_fp8, quant_fp8_act
+from nmoe.serve.ops.fp8 import (
+    FP8,
+    dequant_block_fp8,
+    fp8_gemm,
+    fp8_gemm_ref,
+    quant_block_fp8,
+    quant_fp8_act,
+    quant_fp8_act_ref,
+)
 
 
 def median_ms(fn, *args, iters: int = 20, warmup: int = 3) -> float:
@@ -137,12 +145,14 @@ def bench_quant(ceil, rows_out):
     m, k = 8192, 7168
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ms = median_ms(quant_fp8_act, x)
-    rows_out.append(row("quant_fp8_act", f"{m}x{k}", ms, 0, m * k * 3 + m * k // 32, ceil))
+    ref = median_ms(quant_fp8_act_ref, x, iters=5)  # the baseline column: the torch reference on the GPU
+    rows_out.append(row("quant_fp8_act", f"{m}x{k}", ms, 0, m * k * 3 + m * k // 32, ceil, ref, recipe="torch ref"))
     two_i = 4096
     h = torch.randn(m, two_i, device="cuda", dtype=torch.bfloat16)
     ms = median_ms(moe_gemm.silu_mul_quant_fp8, h)
+    ref = median_ms(moe_gemm.silu_mul_quant_fp8_ref, h, iters=5)
     nbytes = m * two_i * 2 + m * two_i // 2 + m * two_i // 64
-    rows_out.append(row("silu_mul_quant_fp8", f"{m}x{two_i}", ms, 0, nbytes, ceil))
+    rows_out.append(row("silu_mul_quant_fp8", f"{m}x{two_i}", ms, 0, nbytes, ceil, ref, recipe="torch ref"))
 
 
 def bench_dense(ceil, rows_out, shapes, ms_list):
@@ -343,7 +353,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--sweep", action="store_true", help="time every GEMM configuration instead")
     parser.add_argument("--skip", default="", help="--sweep: comma-separated configurations to leave out")
+    parser.add_argument("--ops", default="quant,dense,contiguous,masked", help="which tables (comma-separated)")
     args = parser.parse_args()
+    ops = set(args.ops.split(","))
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     ceil = ceilings()
@@ -361,11 +373,15 @@ def main() -> None:
         "scaled_mm loop ms | bf16 ms |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows: list[dict] = []
-    bench_quant(ceil, rows)
-    dense = [(24576, 1536), (7168, 16384), (2112, 7168)] if not args.quick else [(7168, 16384)]
-    bench_dense(ceil, rows, dense, [32, 4096])
-    bench_contiguous(ceil, rows, 32, 8192, [(4096, 7168), (7168, 2048)])
-    bench_masked(ceil, rows, 32, [(4096, 7168), (7168, 2048)], [8, 32, 64] if not args.quick else [32])
+    if "quant" in ops:
+        bench_quant(ceil, rows)
+    if "dense" in ops:
+        dense = [(24576, 1536), (7168, 16384), (2112, 7168)] if not args.quick else [(7168, 16384)]
+        bench_dense(ceil, rows, dense, [32, 4096])
+    if "contiguous" in ops:
+        bench_contiguous(ceil, rows, 32, 8192, [(4096, 7168), (7168, 2048)])
+    if "masked" in ops:
+        bench_masked(ceil, rows, 32, [(4096, 7168), (7168, 2048)], [8, 32, 64] if not args.quick else [32])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)

@@ -33,7 +33,3 @@ def test_blocking_copy_waits_for_the_stream():
     torch.tensor([1, 2], device="cuda")
     assert done.query(), "a blocking host-to-device copy no longer waits for the stream"
 
-
-def test_to_device_on_cpu():
-    t = to_device([1.5, 2.5], "cpu", torch.float64)
-    assert t.device.type == "cpu" and t.dtype == torch.float64 and t.tolist() == [1.5, 2.5]

@@ -1,12 +1,15 @@
 """Times the FP8 ops of nmoe._C on the DeepSeek-V3 shapes, beside baselines, against measured ceilings.
 
-    python benchmarks/bench_fp8_gemm.py [--json out.json] [--quick] [--sweep]
+    python benchmarks/bench_fp8_gemm.py [--json out.json] [--quick] [--sweep] [--split-sweep 32] [--ops quant,...]
 
 Ceilings are measured in the same run: HBM bandwidth as a device-to-device copy (bytes read + written
 per second) and dense BF16 matmul TFLOP/s (8192^3). Every time is the median of CUDA-event timings.
 Baselines: a per-expert loop of torch._scaled_mm (block-scaled 1x128 / 128x128 when this torch
 supports it, else row-wise scaled, which is a cheaper recipe), and BF16 torch.matmul on dequantized
 weights (dequantized before timing).
+
+--split-sweep M times the dense GEMMs of a decode step at M rows with every K-slice count forced
+(torch.ops.nmoe._fp8_split_k_override) against the automatic choice, in CUDA graphs.
 
 --sweep instead times every GEMM kernel configuration compiled into nmoe._C (forced through
 torch.ops.nmoe._fp8_gemm_override) in both raster orders on the grouped and dense shapes, with the
@@ -347,6 +350,52 @@ def sweep(ceil, quick: bool, skip_names: list[str]) -> list[dict]:
     return rows
 
 
+# The dense FP8 GEMMs of a DeepSeek-V3 decode step (n, k) and their calls per step at full depth:
+# per layer q_a + kv_a fused, q_b, o_proj; per MoE layer (58) the shared expert's gate + up and
+# down; per dense layer (3) the MLP's.
+DECODE_DENSE = {
+    (2112, 7168): 61, (24576, 1536): 61, (7168, 16384): 61,
+    (4096, 7168): 58, (7168, 2048): 58, (36864, 7168): 3, (7168, 18432): 3,
+}
+
+
+def split_sweep(ceil, m: int, json_path: str | None) -> None:
+    """Each decode dense shape at m rows with every K-slice count that divides k / 128 (up to 32)
+    forced through torch.ops.nmoe._fp8_split_k_override, timed in a CUDA graph, against the
+    automatic choice; the best per shape and what it would save per decode step."""
+    ops = torch.ops.nmoe
+    print("| n | k | splits | graph us | GB/s | of copy | err |\n|---|---|---|---|---|---|---|")
+    best: dict[str, int] = {}
+    saved = 0.0
+    for (n, k), calls in DECODE_DENSE.items():
+        w, ws = expert_weights(1, n, k)
+        xq, xs = quant_fp8_act(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        want = fp8_gemm_ref(xq, xs, w[0], ws[0])
+        nbytes = n * k + m * k + 2 * m * n
+        kb = k // 128
+        times = {}
+        for splits in [0] + [d for d in range(1, min(kb, 32) + 1) if kb % d == 0]:
+            ops._fp8_split_k_override(n, k, splits)
+            try:
+                e = err(fp8_gemm(xq, xs, w[0], ws[0]).float(), want)
+                t = graph_ms(fp8_gemm, xq, xs, w[0], ws[0])
+            finally:
+                ops._fp8_split_k_override(n, k, 0)
+            times[splits] = t
+            print(f"| {n} | {k} | {splits or 'auto'} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} | "
+                  f"{nbytes / t / 1e6 / ceil['hbm_copy_GBps']:.2f} | {e:.1e} |", flush=True)
+        s_best = min((s for s in times if s), key=lambda s: times[s])
+        if times[s_best] < 0.97 * times[0]:
+            best[f"{n},{k}"] = s_best
+            saved += (times[0] - times[s_best]) * calls
+        print(f"| {n} | {k} | best {s_best} | {times[s_best] * 1e3:.1f} (auto {times[0] * 1e3:.1f}) | | | |")
+        del w, ws
+    print(f"forcing the best splits would save {saved:.2f} ms per full-depth decode step: {best}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(best, f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the rows and ceilings here")
@@ -354,6 +403,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time every GEMM configuration instead")
     parser.add_argument("--skip", default="", help="--sweep: comma-separated configurations to leave out")
     parser.add_argument("--ops", default="quant,dense,contiguous,masked", help="which tables (comma-separated)")
+    parser.add_argument("--split-sweep", type=int, metavar="M", help="time every K-slice count of the decode "
+                        "dense shapes at M rows instead (--json: the best per shape)")
     args = parser.parse_args()
     ops = set(args.ops.split(","))
     torch.manual_seed(0)
@@ -362,6 +413,8 @@ def main() -> None:
     print(
         f"ceilings: HBM copy {ceil['hbm_copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s\n"
     )
+    if args.split_sweep:
+        return split_sweep(ceil, args.split_sweep, args.json)
     if args.sweep:
         rows = sweep(ceil, args.quick, [n for n in args.skip.split(",") if n])
         if args.json:

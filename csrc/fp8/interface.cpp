@@ -274,6 +274,10 @@ int64_t gemm_override(int64_t config, int64_t raster) {
   return set_gemm_override(static_cast<int>(config), static_cast<int>(raster));
 }
 
+int64_t split_k_override(int64_t n, int64_t k, int64_t splits) {
+  return set_split_k_override(static_cast<int>(n), static_cast<int>(k), static_cast<int>(splits));
+}
+
 std::string gemm_config(int64_t config) { return gemm_config_name(static_cast<int>(config)); }
 
 }  // namespace nmoe::fp8

@@ -32,6 +32,9 @@ at::Tensor grouped_fp8_gemm_masked(const at::Tensor& xq, const at::Tensor& xs, c
 // Benchmarks and tests: force the GEMM configuration (-1: automatic) and raster order (-1: default,
 // 0: along M, 1: along N) of later calls; returns the number of configurations.
 int64_t gemm_override(int64_t config, int64_t raster);
+// Benchmarks: force the K-slice count of decode-sized dense calls of shape (n, k) (0 clears the
+// entry, n = k = 0 all of them); returns the entries in force.
+int64_t split_k_override(int64_t n, int64_t k, int64_t splits);
 // The name of configuration `config` ("" if out of range).
 std::string gemm_config(int64_t config);
 

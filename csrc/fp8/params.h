@@ -122,6 +122,9 @@ const char* grouped_gemm_sm90(const GroupedGemmParams& p, cudaStream_t stream);
 // Benchmarks and tests: force a configuration (-1: automatic) and raster order (-1: the config's
 // own, 0: along M, 1: along N) for every later call in this process. Returns the configuration count.
 int set_gemm_override(int config, int raster);
+// Benchmarks: force the K slices of dense calls of at most 64 rows with this (n, k) (splits must
+// divide k / 128; 0 removes the entry; n = k = 0 removes all). Returns the entries in force.
+int set_split_k_override(int n, int k, int splits);
 const char* gemm_config_name(int config);
 
 const char* act_quant(const ActQuantParams& p, cudaStream_t stream);

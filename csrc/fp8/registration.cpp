@@ -12,6 +12,7 @@ TORCH_LIBRARY_FRAGMENT(nmoe, m) {
   // Benchmark/test knobs (no tensors, so one kernel for every backend).
   m.def("_fp8_gemm_override(int config, int raster) -> int", &nmoe::fp8::gemm_override);
   m.def("_fp8_gemm_config(int config) -> str", &nmoe::fp8::gemm_config);
+  m.def("_fp8_split_k_override(int n, int k, int splits) -> int", &nmoe::fp8::split_k_override);
 }
 
 TORCH_LIBRARY_IMPL(nmoe, CUDA, m) {

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 
 import torch
@@ -359,6 +360,12 @@ DECODE_DENSE = {
 }
 
 
+def rotate(xq, xs, w, ws) -> None:
+    """fp8_gemm of x with each of the stacked weights in turn."""
+    for i in range(w.shape[0]):
+        fp8_gemm(xq, xs, w[i], ws[i])
+
+
 def split_sweep(ceil, m: int, json_path: str | None) -> None:
     """Each decode dense shape at m rows with every K-slice count that divides k / 128 (up to 32)
     forced through torch.ops.nmoe._fp8_split_k_override, timed in a CUDA graph, against the
@@ -368,7 +375,10 @@ def split_sweep(ceil, m: int, json_path: str | None) -> None:
     best: dict[str, int] = {}
     saved = 0.0
     for (n, k), calls in DECODE_DENSE.items():
-        w, ws = expert_weights(1, n, k)
+        # copies of the weight, called in turn, that together overflow the L2 cache: each call
+        # reads HBM as a decode step's (every layer's weights distinct) does
+        copies = max(2, min(20, -(-(256 << 20) // (n * k))))
+        w, ws = expert_weights(copies, n, k)
         xq, xs = quant_fp8_act(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         want = fp8_gemm_ref(xq, xs, w[0], ws[0])
         nbytes = n * k + m * k + 2 * m * n
@@ -378,17 +388,19 @@ def split_sweep(ceil, m: int, json_path: str | None) -> None:
             ops._fp8_split_k_override(n, k, splits)
             try:
                 e = err(fp8_gemm(xq, xs, w[0], ws[0]).float(), want)
-                t = graph_ms(fp8_gemm, xq, xs, w[0], ws[0])
+                t = graph_ms(rotate, xq, xs, w, ws, per_graph=1) / copies
             finally:
                 ops._fp8_split_k_override(n, k, 0)
-            times[splits] = t
+            if e < 1e-3:  # the tests' bound: a count that computes wrong is never "best"
+                times[splits] = t
             print(f"| {n} | {k} | {splits or 'auto'} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} | "
                   f"{nbytes / t / 1e6 / ceil['hbm_copy_GBps']:.2f} | {e:.1e} |", flush=True)
-        s_best = min((s for s in times if s), key=lambda s: times[s])
-        if times[s_best] < 0.97 * times[0]:
+        s_best = min((s for s in times if s), key=lambda s: times[s], default=0)
+        if s_best and times[s_best] < 0.97 * times[0]:
             best[f"{n},{k}"] = s_best
             saved += (times[0] - times[s_best]) * calls
-        print(f"| {n} | {k} | best {s_best} | {times[s_best] * 1e3:.1f} (auto {times[0] * 1e3:.1f}) | | | |")
+        print(f"| {n} | {k} | best {s_best} | {times.get(s_best, math.nan) * 1e3:.1f} "
+              f"(auto {times.get(0, math.nan) * 1e3:.1f}) | | | |")
         del w, ws
     print(f"forcing the best splits would save {saved:.2f} ms per full-depth decode step: {best}")
     if json_path:

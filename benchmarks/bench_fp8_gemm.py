@@ -396,7 +396,7 @@ def split_sweep(ceil, m: int, json_path: str | None) -> None:
             print(f"| {n} | {k} | {splits or 'auto'} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} | "
                   f"{nbytes / t / 1e6 / ceil['hbm_copy_GBps']:.2f} | {e:.1e} |", flush=True)
         s_best = min((s for s in times if s), key=lambda s: times[s], default=0)
-        if s_best and times[s_best] < 0.97 * times[0]:
+        if s_best and 0 in times and times[s_best] < 0.97 * times[0]:
             best[f"{n},{k}"] = s_best
             saved += (times[0] - times[s_best]) * calls
         print(f"| {n} | {k} | best {s_best} | {times.get(s_best, math.nan) * 1e3:.1f} "

@@ -3,8 +3,7 @@
 // view with any head stride (attention's per-head outputs), so neither needs a copy first.
 //
 // Memory-bound: each lane reads 16 bytes and writes 8 per row; 16 lanes own one (row, 128-channel
-// group); each thread walks blocks of kRowsPerThread rows of its column, each block's loads issued
-// before the previous block is quantized.
+// group); each thread handles kRowsPerThread rows of its column, all loads issued before the first use.
 #include "fp8/generic/group_quant.cuh"
 #include "fp8/params.h"
 
@@ -24,12 +23,10 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) act_quant_kernel(ActQuant
   const int64_t head = col / p.head;  // a 128-channel group never straddles two heads
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x) + head * p.x_head_stride + (col - head * p.head);
   uint8_t* q = static_cast<uint8_t*>(p.q) + col;
-  // Rows of this thread's column: a grid-stride walk over blocks of kRowsPerThread rows, each
-  // block's loads issued before the previous block's math (the grid holds about one wave, so the
-  // loads of a thread stay in flight back to back instead of a block exiting after one round). The
-  // loop's bound depends on blockIdx only, so all lanes of a warp run the same iterations.
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * kRowsPerThread;
-  auto load = [&](int64_t row0, uint4 (&raw)[kRowsPerThread]) {
+  // The row loop's bound depends on blockIdx only, so all lanes of a warp run the same iterations.
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.y) * kRowsPerThread; row0 < p.m;
+       row0 += static_cast<int64_t>(gridDim.y) * kRowsPerThread) {
+    uint4 raw[kRowsPerThread];
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; ++u) {
       const int64_t row = row0 + u;
@@ -38,13 +35,6 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) act_quant_kernel(ActQuant
       const int64_t src = p.rows == nullptr ? row : p.rows[row];
       if (src >= 0 && src < p.x_rows) raw[u] = __ldcs(reinterpret_cast<const uint4*>(x + src * p.x_row_stride));
     }
-  };
-  uint4 raw[kRowsPerThread];
-  int64_t row0 = static_cast<int64_t>(blockIdx.y) * kRowsPerThread;
-  load(row0, raw);
-  for (; row0 < p.m; row0 += stride) {
-    uint4 next[kRowsPerThread];
-    load(row0 + stride, next);
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; ++u) {
       const int64_t row = row0 + u;
@@ -52,7 +42,6 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) act_quant_kernel(ActQuant
       unpack_bf16x8(raw[u], v);
       const float scale = quant_group_store(v, q + row * p.k, col_ok && row < p.m);
       if (lane == 0 && gcol < kb && row < p.m) p.s[row * kb + gcol] = scale;
-      raw[u] = next[u];
     }
   }
 }
@@ -62,7 +51,7 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) act_quant_kernel(ActQuant
 const char* act_quant(const ActQuantParams& p, cudaStream_t stream) {
   const int64_t kb = (p.k + kBlock - 1) / kBlock;
   if (p.m == 0 || kb == 0) return nullptr;
-  const QuantGeometry geo = quant_geometry(p.m, kb, resident_blocks(act_quant_kernel, kb));
+  const QuantGeometry geo = quant_geometry(p.m, kb);
   act_quant_kernel<<<geo.grid, geo.block, 0, stream>>>(p);
   return cudaPeekAtLastError() == cudaSuccess ? nullptr : "act_quant: kernel launch failed";
 }

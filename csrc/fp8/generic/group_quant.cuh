@@ -8,7 +8,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -72,46 +71,21 @@ __device__ __forceinline__ float quant_group_store(const float (&v)[kVec], uint8
 }
 
 // Launch geometry: x of the grid walks the 128-channel groups of a row (two per warp, up to 16 per
-// block), y walks blocks of kRowsPerThread rows, grid-stride: at most `max_blocks` blocks in all
-// (what the device holds at once), so a large input is one wave of threads that each loop. No
-// integer division on the device, and the loads of one thread are rows of one column: independent.
+// block), y walks blocks of kRowsPerThread rows (grid-stride beyond 65535). No integer division on
+// the device, and the loads of one thread are kRowsPerThread rows of one column: independent.
 struct QuantGeometry {
   dim3 grid;
   dim3 block;
 };
 
-inline int64_t quant_warps(int64_t groups_per_row) {
-  const int64_t warps = (groups_per_row + 1) / 2;
-  return warps > kMaxQuantWarps ? kMaxQuantWarps : warps;
-}
-
-inline QuantGeometry quant_geometry(int64_t rows, int64_t groups_per_row, int64_t max_blocks) {
-  const int64_t warps = quant_warps(groups_per_row);
+inline QuantGeometry quant_geometry(int64_t rows, int64_t groups_per_row) {
+  int64_t warps = (groups_per_row + 1) / 2;
+  if (warps > kMaxQuantWarps) warps = kMaxQuantWarps;
   const int64_t slots = 2 * warps;
   const int64_t gx = (groups_per_row + slots - 1) / slots;
   int64_t gy = (rows + kRowsPerThread - 1) / kRowsPerThread;
-  const int64_t wave = (max_blocks + gx - 1) / gx;
-  if (gy > wave) gy = wave;
   if (gy > 65535) gy = 65535;
-  if (gy < 1) gy = 1;
   return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(static_cast<unsigned>(32 * warps))};
-}
-
-// Blocks of `kernel` (launched with quant_geometry's block for these groups) the device runs at
-// once: SMs x resident blocks per SM. Asked once per block size (the node's GPUs are one model);
-// a benign race at worst asks twice.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int64_t groups_per_row) {
-  static int64_t known[kMaxQuantWarps + 1] = {};
-  const int64_t warps = quant_warps(groups_per_row);
-  if (known[warps] == 0) {
-    int device = 0, sms = 0, per_sm = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, static_cast<int>(32 * warps), 0);
-    known[warps] = static_cast<int64_t>(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
-  }
-  return known[warps];
 }
 
 }  // namespace nmoe::fp8

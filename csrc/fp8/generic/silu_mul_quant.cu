@@ -26,26 +26,19 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) silu_mul_quant_kernel(Sil
   const bool col_ok = col < p.i;
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x) + col;
   uint8_t* q = static_cast<uint8_t*>(p.q) + col;
-  // The walk of act_quant: each block of rows loaded before the previous one is computed.
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * kRowsPerThread;
-  auto load = [&](int64_t row0, uint4 (&gate)[kRowsPerThread], uint4 (&up)[kRowsPerThread]) {
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.y) * kRowsPerThread; row0 < p.m;
+       row0 += static_cast<int64_t>(gridDim.y) * kRowsPerThread) {
+    uint4 raw_gate[kRowsPerThread], raw_up[kRowsPerThread];
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; ++u) {
       const int64_t row = row0 + u;
-      gate[u] = up[u] = make_uint4(0, 0, 0, 0);
+      raw_gate[u] = raw_up[u] = make_uint4(0, 0, 0, 0);
       if (col_ok && row < p.m) {
         const __nv_bfloat16* xr = x + row * p.x_row_stride;
-        gate[u] = __ldcs(reinterpret_cast<const uint4*>(xr));
-        up[u] = __ldcs(reinterpret_cast<const uint4*>(xr + p.i));
+        raw_gate[u] = __ldcs(reinterpret_cast<const uint4*>(xr));
+        raw_up[u] = __ldcs(reinterpret_cast<const uint4*>(xr + p.i));
       }
     }
-  };
-  uint4 raw_gate[kRowsPerThread], raw_up[kRowsPerThread];
-  int64_t row0 = static_cast<int64_t>(blockIdx.y) * kRowsPerThread;
-  load(row0, raw_gate, raw_up);
-  for (; row0 < p.m; row0 += stride) {
-    uint4 next_gate[kRowsPerThread], next_up[kRowsPerThread];
-    load(row0 + stride, next_gate, next_up);
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; ++u) {
       const int64_t row = row0 + u;
@@ -56,8 +49,6 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) silu_mul_quant_kernel(Sil
       for (int j = 0; j < kVec; ++j) v[j] = silu_mul(gate[j], up[j]);
       const float scale = quant_group_store(v, q + row * p.i, col_ok && row < p.m);
       if (lane == 0 && gcol < ib && row < p.m) p.s[row * ib + gcol] = scale;
-      raw_gate[u] = next_gate[u];
-      raw_up[u] = next_up[u];
     }
   }
 }
@@ -67,7 +58,7 @@ __global__ void __launch_bounds__(32 * kMaxQuantWarps) silu_mul_quant_kernel(Sil
 const char* silu_mul_quant(const SiluMulQuantParams& p, cudaStream_t stream) {
   const int64_t ib = (p.i + kBlock - 1) / kBlock;
   if (p.m == 0 || ib == 0) return nullptr;
-  const QuantGeometry geo = quant_geometry(p.m, ib, resident_blocks(silu_mul_quant_kernel, ib));
+  const QuantGeometry geo = quant_geometry(p.m, ib);
   silu_mul_quant_kernel<<<geo.grid, geo.block, 0, stream>>>(p);
   return cudaPeekAtLastError() == cudaSuccess ? nullptr : "silu_mul_quant: kernel launch failed";
 }

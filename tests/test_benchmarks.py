@@ -40,6 +40,14 @@ SMOKES = {
          "--backlog-prompt-len", "160", "--chunk-size", "64", "--probe-rate", "2"],
         ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "decode_tok_s"),
     ),
+    # under the prefill cap of mixed steps the baseline (steps where all 3 sessions decode) still exists
+    "mixed_capped": (
+        "nmoe.serve.benchmark_mixed_latency",
+        ["--concurrency", "3", "--prompt-len", "24", "--output-len", "5", "--duration", "1.0", "--backlog", "1",
+         "--backlog-prompt-len", "160", "--chunk-size", "64", "--max-prefill-tokens", "32",
+         "--mixed-prefill-tokens", "8", "--baseline-steps", "4"],
+        ("itl_p50_ms", "baseline_decode_step_p50_ms", "itl_inflation_p50"),
+    ),
     "long_context": (
         "nmoe.serve.benchmark_long_context_smoke",
         ["--prompt-len", "400", "--chunk-size", "128", "--output-len", "4"],

@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     longest = max(args.prompt_len + args.output_len, args.backlog_prompt_len + 1 if args.backlog else 0) + 2
     live = args.concurrency + args.backlog + int(args.probe_rate * args.duration) + 1
-    longest = max(longest, args.prompt_len + args.baseline_steps + 4)
+    longest = max(longest, args.prompt_len + baseline_tokens(args))
     pages = live * -(-longest // args.page_size) + 8
     for name, need in (("max_seq_len", longest), ("num_pages", pages), ("max_batch_size", args.concurrency + 8)):
         if getattr(args, name) < need:
@@ -61,21 +61,36 @@ class Track:
     mixed: list[bool] = field(default_factory=list)  # arrival i came from a step with prefill tokens
 
 
+def baseline_tokens(args: argparse.Namespace) -> int:
+    """Tokens per baseline session: the baseline steps, the steps that prefill all the sessions
+    (the first ones decode meanwhile) and a margin."""
+    return args.baseline_steps + 4 + -(-args.concurrency * args.prompt_len // args.max_prefill_tokens)
+
+
 def pure_decode_steps(engine, args, gen) -> list[float]:
-    """Milliseconds of `--baseline-steps` steps in which the C sessions only decode (their prompts
-    prefilled first): the inter-token latency with no prefill beside it, in this process."""
+    """Milliseconds of `--baseline-steps` steps in which all C sessions decode and nothing else
+    runs (their prompts prefilled first): the inter-token latency with no prefill beside it, in
+    this process. The prompts prefill without `--mixed-prefill-tokens`' cap, so that the first
+    sessions are not done before the last ones start decoding (a step of fewer sessions is
+    cheaper: counted, it would flatter the baseline)."""
     if args.baseline_steps <= 0:
         return []
-    params = SamplingParams(max_tokens=args.baseline_steps + 4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=baseline_tokens(args), temperature=0.0, ignore_eos=True)
     rids = [engine.add_request(random_prompt(gen, args.prompt_len, engine.model_cfg.vocab_size), params)
             for _ in range(args.concurrency)]
+    sched = engine.scheduler.cfg
+    cap, sched.mixed_prefill_tokens = sched.mixed_prefill_tokens, 0
     times: list[float] = []
-    while len(times) < args.baseline_steps and engine.has_work():
-        before = engine.stats["prefill_tokens"]
-        t0 = time.perf_counter()
-        engine.step()
-        if engine.stats["prefill_tokens"] == before:
-            times.append((time.perf_counter() - t0) * 1e3)
+    try:
+        while len(times) < args.baseline_steps and engine.has_work():
+            prefill, decode = engine.stats["prefill_tokens"], engine.stats["decode_tokens"]
+            t0 = time.perf_counter()
+            engine.step()
+            pure = engine.stats["prefill_tokens"] == prefill
+            if pure and engine.stats["decode_tokens"] - decode == args.concurrency:
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        sched.mixed_prefill_tokens = cap
     for rid in rids:
         engine.cancel(rid)
     while engine.has_work():

@@ -350,7 +350,7 @@ class Engine:
                 setattr(out, f, t.to("cpu", non_blocking=True))
         rows = [i for i, (r, _) in enumerate(wants) if r.params.mode is OutputMode.LOGITS]
         host_logits = {}
-        if rows:  # copied now: a graph's logits buffer is overwritten by the next replay
+        if rows:  # copied beside the sampled tokens, without waiting for them
             picked = logits[to_device(rows, logits.device, torch.long)].float().to("cpu", non_blocking=True)
             host_logits = dict(zip(rows, picked.unbind(0)))
         ready = None

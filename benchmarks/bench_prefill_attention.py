@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _roofline import bf16_matmul_rate, time_us  # noqa: E402
 
-from nmoe.serve.model import MLA  # noqa: E402
+from nmoe.serve.model import MLA, lower_right_causal_mask  # noqa: E402
 from nmoe.serve.random_weights import deepseek_v3_config  # noqa: E402
 
 
@@ -40,7 +40,8 @@ def attend(mla: MLA, backends, *inputs) -> torch.Tensor:
     shipped = MLA.PREFILL_SDPA_BACKENDS
     MLA.PREFILL_SDPA_BACKENDS = backends
     try:
-        return mla._prefill_sdpa(*inputs)
+        q_nope, c_kv = inputs[0], inputs[2]
+        return mla._prefill_sdpa(*inputs, lower_right_causal_mask(q_nope.shape[0], c_kv.shape[0], c_kv.device))
     finally:
         MLA.PREFILL_SDPA_BACKENDS = shipped
 

@@ -6,7 +6,7 @@ import torch
 
 from nmoe.serve.config import ServeConfig
 from nmoe.serve.engine import Engine
-from nmoe.serve.model import AttnBatch
+from nmoe.serve.model import AttnBatch, lower_right_causal_mask
 from nmoe.serve.step_graphs import StepGraphs, graph_buckets, prefill_buckets
 
 PAGE = 16
@@ -51,3 +51,16 @@ def test_fits_and_buckets(tiny_random_dir):
     assert not decode_only.fits([], 1)
     mixed = StepGraphs(eng.model, eng.kv_caches, 20, 4, max_prefill_tokens=100, capture=False)
     assert mixed.fits([1, 60, 40], 4) and mixed.fits([100], 4) and not mixed.fits([1, 60, 41], 4)
+
+
+def test_prefill_masks_built_once_per_step(tiny_random_dir):
+    """A step's layers share each prefill chunk's mask (the eager batch's and the graph runner's)."""
+    eng = Engine(ServeConfig(ckpt=tiny_random_dir, num_pages=8, page_size=PAGE, max_seq_len=64, max_batch_size=4))
+    want = torch.arange(9)[None, :] <= torch.arange(6, 9)[:, None]
+    assert torch.equal(lower_right_causal_mask(3, 9, torch.device("cpu")), want)
+    assert lower_right_causal_mask(4, 4, torch.device("cpu")) is None  # is_causal
+    batch = _batch([0, 1], [0, 1], [[0]], [2], [2], eng.kv_caches)
+    runner = StepGraphs(eng.model, eng.kv_caches, 4, 4, max_prefill_tokens=16, capture=False)
+    for holder in (batch, runner):
+        first = holder.prefill_mask(3, 9)
+        assert torch.equal(first, want) and holder.prefill_mask(3, 9) is first

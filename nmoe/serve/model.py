@@ -127,6 +127,23 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return (freqs / factor * (1 - extrapolate) + freqs * extrapolate).float()
 
 
+def row_starts(q_lens: list[int]) -> list[int]:
+    """Row of each sequence's first new token when `q_lens` tokens each are laid end to end, and
+    the total at the end."""
+    out = [0]
+    for q in q_lens:
+        out.append(out[-1] + q)
+    return out
+
+
+def lower_right_causal_mask(q: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """The causal mask of q queries that are the last q of n tokens: `[q, n]` bool, query i
+    (position n - q + i) seeing keys 0 ..= n - q + i; None when q == n (plain `is_causal`)."""
+    if q == n:
+        return None
+    return torch.arange(n, device=device)[None, :] <= torch.arange(n - q, n, device=device)[:, None]
+
+
 @dataclass
 class AttnBatch:
     """What one serving step's attention needs, built by the engine from the scheduler's batch.
@@ -153,6 +170,7 @@ class AttnBatch:
     # tensor back, which would stall the host until the device catches up, every layer
     seq_lens_host: list[int] | None = None
     _decode_inputs: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    _masks: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @property
     def decode_rows(self) -> list[int]:
@@ -161,10 +179,13 @@ class AttnBatch:
     @property
     def starts(self) -> list[int]:
         """Row of each sequence's first new token, and T at the end."""
-        out = [0]
-        for q in self.q_lens:
-            out.append(out[-1] + q)
-        return out
+        return row_starts(self.q_lens)
+
+    def prefill_mask(self, q: int, n: int) -> torch.Tensor | None:
+        """`lower_right_causal_mask(q, n)`, built once per step and shared by every layer."""
+        if (q, n) not in self._masks:
+            self._masks[(q, n)] = lower_right_causal_mask(q, n, self.positions.device)
+        return self._masks[(q, n)]
 
     def context_len(self, i: int) -> int:
         return self.seq_lens_host[i] if self.seq_lens_host is not None else int(self.seq_lens[i])
@@ -283,7 +304,8 @@ class MLA(nn.Module):
             if q_len > 1:
                 sl = slice(starts[i], starts[i] + q_len)
                 q_pe_i = apply_rope(q_pe[sl], batch.cos[sl], batch.sin[sl])
-                out[sl] = self.prefill_attention(q_nope[sl], q_pe_i, cache, batch.block_table[i], batch.context_len(i))
+                out[sl] = self.prefill_attention(q_nope[sl], q_pe_i, cache, batch.block_table[i],
+                                                 batch.context_len(i), masks=batch)
         return self._out_proj(out)
 
     def _out_proj(self, o: torch.Tensor) -> torch.Tensor:
@@ -293,17 +315,21 @@ class MLA(nn.Module):
             return self.o_proj.forward_quantized(*quant_fp8_act(o))
         return self.o_proj(o.flatten(1))
 
-    def prefill_attention(self, q_nope, q_pe, cache, table_row: torch.Tensor, n: int, block: int = 1024) -> torch.Tensor:
+    def prefill_attention(self, q_nope, q_pe, cache, table_row: torch.Tensor, n: int, masks=None,
+                          block: int = 1024) -> torch.Tensor:
         """Queries of one sequence's chunk `[q, H, .]` (q_pe rotated) over its whole cached context of
         `n` tokens (pages `table_row`), the chunk's own latents already appended; naive MLA form.
+        `masks`: what holds the step's masks (`.prefill_mask(q, n)`, so that a step's layers share
+        one), asked only on the SDPA path; None builds the mask here.
 
         Queries go in blocks so a long chunk's score matrix stays `[H, block, context]`."""
         ctx = gather_context(cache, table_row, n).to(q_nope.dtype)
         c_kv, k_pe = ctx.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        if q_nope.is_cuda:
-            return self._prefill_sdpa(q_nope, q_pe, c_kv, k_pe)
-        k_nope, v = self._expand(c_kv)
         q = q_nope.shape[0]
+        if q_nope.is_cuda:
+            mask = masks.prefill_mask(q, n) if masks is not None else lower_right_causal_mask(q, n, c_kv.device)
+            return self._prefill_sdpa(q_nope, q_pe, c_kv, k_pe, mask)
+        k_nope, v = self._expand(c_kv)
         out = []
         for b0 in range(0, q, block):
             qn, qp = q_nope[b0 : b0 + block], q_pe[b0 : b0 + block]
@@ -324,15 +350,14 @@ class MLA(nn.Module):
     # takes no mask and needs v as wide as q and k); benchmarks/bench_prefill_attention.py
     PREFILL_SDPA_BACKENDS = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
-    def _prefill_sdpa(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+    def _prefill_sdpa(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
         """The same attention through torch's fused SDPA (CUDA): the chunk's queries are the last
-        `q` of the `n` context tokens, hence a lower-right causal mask. No `[H, q, n]` score matrix
-        is materialized and the context is expanded through `kv_b_proj` a group of heads at a time,
-        which is what lets a 128k-token prompt prefill.
+        `q` of the `n` context tokens, hence `mask`, the chunk's `lower_right_causal_mask`. No
+        `[H, q, n]` score matrix is materialized and the context is expanded through `kv_b_proj` a
+        group of heads at a time, which is what lets a 128k-token prompt prefill.
 
-        The mask is a `[q, n]` boolean tensor (or `is_causal` when q == n): torch's
-        `causal_lower_right` bias dispatches itself to the flash or memory-efficient kernels only,
-        never to cuDNN."""
+        The mask is a boolean tensor (or `is_causal` when q == n): torch's `causal_lower_right`
+        bias dispatches itself to the flash or memory-efficient kernels only, never to cuDNN."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         cfg, heads = self.cfg, self.n_heads
@@ -340,23 +365,18 @@ class MLA(nn.Module):
         nope = cfg.qk_nope_head_dim
         w = self.kv_b_proj.weight.view(heads, nope + cfg.v_head_dim, cfg.kv_lora_rank)
         group = max(1, min(heads, self.PREFILL_EXPAND_TOKEN_HEADS // n))
-        mask = None
-        if q_len != n:  # query i is position n - q + i: it sees keys 0 ..= n - q + i
-            dev = c_kv.device
-            mask = torch.arange(n, device=dev)[None, :] <= torch.arange(n - q_len, n, device=dev)[:, None]
-        backends = [getattr(SDPBackend, b) for b in self.PREFILL_SDPA_BACKENDS]
         out = q_nope.new_empty(q_len, heads, cfg.v_head_dim)
-        for h0 in range(0, heads, group):
-            h1 = min(heads, h0 + group)
-            kv = F.linear(c_kv, w[h0:h1].reshape(-1, cfg.kv_lora_rank)).view(n, h1 - h0, -1)
-            k = torch.cat([kv[..., :nope], k_pe[:, None, :].expand(n, h1 - h0, -1)], dim=-1)
-            q = torch.cat([q_nope[:, h0:h1], q_pe[:, h0:h1]], dim=-1)
-            with sdpa_kernel(backends, set_priority=True):
+        with sdpa_kernel([getattr(SDPBackend, b) for b in self.PREFILL_SDPA_BACKENDS], set_priority=True):
+            for h0 in range(0, heads, group):
+                h1 = min(heads, h0 + group)
+                kv = F.linear(c_kv, w[h0:h1].reshape(-1, cfg.kv_lora_rank)).view(n, h1 - h0, -1)
+                k = torch.cat([kv[..., :nope], k_pe[:, None, :].expand(n, h1 - h0, -1)], dim=-1)
+                q = torch.cat([q_nope[:, h0:h1], q_pe[:, h0:h1]], dim=-1)
                 o = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], k.transpose(0, 1)[None], kv[..., nope:].transpose(0, 1)[None],
                     attn_mask=mask, is_causal=mask is None, scale=self.scale,
                 )
-            out[:, h0:h1] = o[0].transpose(0, 1)
+                out[:, h0:h1] = o[0].transpose(0, 1)
         return out
 
     def _decode_absorbed(self, q_nope, q_pe, cos, sin, cache, block_table, seq_lens, static: bool = False):
@@ -634,9 +654,6 @@ class DeepseekV3(nn.Module):
                 if isinstance(layer.mlp, MoE):
                     layer.mlp.gate_bias.copy_(get(f"model.layers.{i}.mlp.gate.e_score_correction_bias"))
 
-    # weights held in this dtype under "fp8" (the rest as the checkpoint gives them, FP8 or BF16)
-    _FP8_FORMAT_DTYPES = {"embed_tokens.weight": torch.bfloat16}
-
     def _load_fp8(self, tensors: dict[str, torch.Tensor]) -> None:
         """Move the checkpoint's tensors into the meta parameters: FP8 weights and their scales as
         they are, BF16 elsewhere (`kv_b_proj` dequantized to BF16, the router as released)."""
@@ -655,11 +672,8 @@ class DeepseekV3(nn.Module):
 
         with torch.no_grad():
             for name, p in list(self.named_parameters()):
-                key = name.split(".", 2)[-1] if name.startswith("layers.") else name
-                if p.dtype == FP8 or name.endswith("_scale_inv"):
-                    dtype = p.dtype
-                else:
-                    dtype = self._FP8_FORMAT_DTYPES.get(key, torch.bfloat16)
+                # FP8 weights and their scales as they are, everything else in BF16
+                dtype = p.dtype if p.dtype == FP8 or name.endswith("_scale_inv") else torch.bfloat16
                 t = self._hf_param(name, lambda n, dtype=dtype: take(n, dtype))
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"weight for '{name}' has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from nmoe.serve.host_copy import to_device
-from nmoe.serve.model import MLA, AttnBatch, DeepseekV3, MoE
+from nmoe.serve.model import MLA, AttnBatch, DeepseekV3, MoE, lower_right_causal_mask, row_starts
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -98,6 +98,7 @@ class StepGraphs:
         self.q_pe = torch.zeros(np_, h, cfg.qk_rope_head_dim, dtype=dtype, device=dev)
         self.attn_out = torch.zeros(np_, h, cfg.v_head_dim, dtype=dtype, device=dev)
         self._prefill: list[tuple[int, int, int, torch.Tensor]] = []  # (row, q_len, context, table row)
+        self._masks: dict[tuple[int, int], torch.Tensor | None] = {}  # this step's prefill masks
         # (decode bucket, prefill bucket) -> (graphs, the MLA of each break between them, hidden)
         self.graphs: dict[tuple[int, int], tuple[list[torch.cuda.CUDAGraph], list[MLA], torch.Tensor]] = {}
         self._pool = None
@@ -119,9 +120,7 @@ class StepGraphs:
         """One step: `ids` on the device, the rest host tensors in the caller's row order (sequences
         in order, `q_lens` tokens each; `block_table` may be narrower than `max_pages`) -> logits
         `[len(rows), vocab]` fp32 of the caller's rows `rows`."""
-        starts = [0]
-        for q in q_lens:
-            starts.append(starts[-1] + q)
+        starts = row_starts(q_lens)
         decode = [i for i, q in enumerate(q_lens) if q == 1]
         prefill = [i for i, q in enumerate(q_lens) if q > 1]
         d, p = len(decode), starts[-1] - len(decode)
@@ -148,7 +147,7 @@ class StepGraphs:
         self.seq_lens[:d].copy_(seq_lens[dec], non_blocking=True)
         self.block_table[:nd].zero_()  # entries past a row's pages and the padded rows: page 0, unread
         self.block_table[:d, : block_table.shape[1]].copy_(block_table[dec], non_blocking=True)
-        self._prefill = []
+        self._prefill, self._masks = [], {}
         if prefill:
             tables = to_device(block_table[torch.tensor(prefill, dtype=torch.long)], self.ids.device)
             self._prefill = [(r, q, n, tables[k]) for k, (r, q, n) in enumerate(spans)]
@@ -164,18 +163,29 @@ class StepGraphs:
             return hidden.new_zeros(0, self.model.cfg.vocab_size, dtype=torch.float32)
         return self.model.logits(hidden[to_device(pick, hidden.device, torch.long)])
 
-    def _attend(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        """The prefill rows' attention of one layer, through the static buffers (eager)."""
+    def _stage(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """The prefill rows' queries into the static buffers; returns the static output rows."""
         n = q_nope.shape[0]
         self.q_nope[:n].copy_(q_nope)
         self.q_pe[:n].copy_(q_pe)
-        self._attend_static(mla, cache)
         return self.attn_out[:n]
+
+    def _attend(self, mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """The prefill rows' attention of one layer, through the static buffers (eager)."""
+        out = self._stage(q_nope, q_pe)
+        self._attend_static(mla, cache)
+        return out
 
     def _attend_static(self, mla: MLA, cache: torch.Tensor) -> None:
         for row, q, n, table in self._prefill:
             sl = slice(row, row + q)
-            self.attn_out[sl] = mla.prefill_attention(self.q_nope[sl], self.q_pe[sl], cache, table, n)
+            self.attn_out[sl] = mla.prefill_attention(self.q_nope[sl], self.q_pe[sl], cache, table, n, masks=self)
+
+    def prefill_mask(self, q: int, n: int) -> torch.Tensor | None:
+        """The step's `lower_right_causal_mask(q, n)`, built once and shared by every layer."""
+        if (q, n) not in self._masks:
+            self._masks[(q, n)] = lower_right_causal_mask(q, n, self.ids.device)
+        return self._masks[(q, n)]
 
     def _forward(self, nd: int, np_: int, prefill_attention) -> torch.Tensor:
         attn = AttnBatch(
@@ -196,26 +206,22 @@ class StepGraphs:
         between two layers' prefill attentions."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.current_stream()
         torch.cuda.synchronize()
         graphs, breaks = [torch.cuda.CUDAGraph()], []
 
         def split(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-            n = q_nope.shape[0]
-            self.q_nope[:n].copy_(q_nope)
-            self.q_pe[:n].copy_(q_pe)
+            out = self._stage(q_nope, q_pe)
             graphs[-1].capture_end()  # capture records without executing: the eager part runs at replay
             breaks.append(mla)
             graphs.append(torch.cuda.CUDAGraph())
             graphs[-1].capture_begin(pool=self._pool)
-            return self.attn_out[:n]
+            return out
 
         graphs[0].capture_begin(pool=self._pool)
         try:
             hidden = self._forward(nd, np_, split)
         finally:
             graphs[-1].capture_end()
-        assert stream == torch.cuda.current_stream()
         return graphs, breaks, hidden
 
     def _replay(self, key: tuple[int, int]) -> torch.Tensor:

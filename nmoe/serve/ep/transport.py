@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nmoe.serve.dist import RankInfo
-from nmoe.serve.ops.moe import moe_combine
+from nmoe.serve.ops.moe import inverse_permutation, moe_combine
 
 LOW_LATENCY_MODES = ("0", "1", "auto")
 
@@ -270,8 +270,7 @@ class Transport:
     def _reduce(self, plan: _Plan, back: torch.Tensor, weights: torch.Tensor,
                 add: torch.Tensor | None = None) -> torch.Tensor:
         """y[t] = sum_k weights[t, k] * out(t, k) (+ add[t]): the combine of `MoE.local_experts`."""
-        pos = torch.empty_like(plan.order)  # back's row of each slot: the inverse of the send order
-        pos[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
+        pos = inverse_permutation(plan.order)  # back's row of each slot
         return moe_combine(back, pos.view(weights.shape), weights, add)
 
     # --- forward bookkeeping (lockstep) ------------------------------------------------------------

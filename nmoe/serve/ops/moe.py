@@ -18,6 +18,13 @@ import torch
 from nmoe.serve.ops._ext import use_cuda
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """`pos` with `pos[order[i]] = i`: where each element of a permuted sequence went."""
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    return pos
+
+
 def moe_align_ref(local_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """local_ids `[T, k]` in [0, experts) -> (src_rows `[T * k]` int64, pos `[T, k]` int64, offsets
     `[experts + 1]` int32). Rows are in slot order within an expert (the kernel's order within an
@@ -25,8 +32,7 @@ def moe_align_ref(local_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, 
     t, k = local_ids.shape
     flat = local_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=flat.device)
+    pos = inverse_permutation(order)
     offsets = torch.zeros(experts + 1, dtype=torch.int32, device=flat.device)
     offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=experts), 0)
     return order // k, pos.view(t, k), offsets

@@ -8,8 +8,10 @@ Baselines: a per-expert loop of torch._scaled_mm (block-scaled 1x128 / 128x128 w
 supports it, else row-wise scaled, which is a cheaper recipe), and BF16 torch.matmul on dequantized
 weights (dequantized before timing).
 
---split-sweep M times the dense GEMMs of a decode step at M rows with every K-slice count forced
-(torch.ops.nmoe._fp8_split_k_override) against the automatic choice, in CUDA graphs.
+--split-sweep M times the dense GEMMs of a decode step at M rows, in CUDA graphs: the dense decode
+kernel with its automatic K-slice count against every count that divides k / 128 (forced through
+torch.ops.nmoe._fp8_split_k_override), beside the grouped kernel's swapped configuration unsplit on
+the same call (the baseline: forced through _fp8_gemm_override).
 
 --sweep instead times every GEMM kernel configuration compiled into nmoe._C (forced through
 torch.ops.nmoe._fp8_gemm_override) in both raster orders on the grouped and dense shapes, with the
@@ -367,10 +369,14 @@ def rotate(xq, xs, w, ws) -> None:
 
 
 def split_sweep(ceil, m: int, json_path: str | None) -> None:
-    """Each decode dense shape at m rows with every K-slice count that divides k / 128 (up to 32)
-    forced through torch.ops.nmoe._fp8_split_k_override, timed in a CUDA graph, against the
-    automatic choice; the best per shape and what it would save per decode step."""
+    """Each decode dense shape at m rows: the automatic K-slice count and every count that divides
+    k / 128 (up to 32), forced through torch.ops.nmoe._fp8_split_k_override and timed in a CUDA
+    graph, beside the grouped kernel unsplit on the same call; the best per shape and what it would
+    save per decode step."""
+    assert cuda_ops_available()  # loads nmoe._C, which registers the ops
     ops = torch.ops.nmoe
+    names = [ops._fp8_gemm_config(i) for i in range(ops._fp8_gemm_override(-1, -1))]
+    grouped = names.index("s256x16" if m <= 16 else "s256x32" if m <= 32 else "s256x64")
     print("| n | k | splits | graph us | GB/s | of copy | err |\n|---|---|---|---|---|---|---|")
     best: dict[str, int] = {}
     saved = 0.0
@@ -383,6 +389,18 @@ def split_sweep(ceil, m: int, json_path: str | None) -> None:
         want = fp8_gemm_ref(xq, xs, w[0], ws[0])
         nbytes = n * k + m * k + 2 * m * n
         kb = k // 128
+
+        def row(label, e, t, n=n, k=k, nbytes=nbytes):
+            print(f"| {n} | {k} | {label} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} | "
+                  f"{nbytes / t / 1e6 / ceil['hbm_copy_GBps']:.2f} | {e:.1e} |", flush=True)
+
+        ops._fp8_gemm_override(grouped, -1)
+        try:
+            e = err(fp8_gemm(xq, xs, w[0], ws[0]).float(), want)
+            t_grouped = graph_ms(rotate, xq, xs, w, ws, per_graph=1) / copies
+        finally:
+            ops._fp8_gemm_override(-1, -1)
+        row(f"grouped {names[grouped]}", e, t_grouped)
         times = {}
         for splits in [0] + [d for d in range(1, min(kb, 32) + 1) if kb % d == 0]:
             ops._fp8_split_k_override(n, k, splits)
@@ -393,14 +411,13 @@ def split_sweep(ceil, m: int, json_path: str | None) -> None:
                 ops._fp8_split_k_override(n, k, 0)
             if e < 1e-3:  # the tests' bound: a count that computes wrong is never "best"
                 times[splits] = t
-            print(f"| {n} | {k} | {splits or 'auto'} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} | "
-                  f"{nbytes / t / 1e6 / ceil['hbm_copy_GBps']:.2f} | {e:.1e} |", flush=True)
+            row(splits or "auto", e, t)
         s_best = min((s for s in times if s), key=lambda s: times[s], default=0)
         if s_best and 0 in times and times[s_best] < 0.97 * times[0]:
             best[f"{n},{k}"] = s_best
             saved += (times[0] - times[s_best]) * calls
         print(f"| {n} | {k} | best {s_best} | {times.get(s_best, math.nan) * 1e3:.1f} "
-              f"(auto {times.get(0, math.nan) * 1e3:.1f}) | | | |")
+              f"(auto {times.get(0, math.nan) * 1e3:.1f}, grouped {t_grouped * 1e3:.1f}) | | | |")
         del w, ws
     print(f"forcing the best splits would save {saved:.2f} ms per full-depth decode step: {best}")
     if json_path:

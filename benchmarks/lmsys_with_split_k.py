@@ -1,6 +1,7 @@
 """benchmark_lmsys_e2e with the K-slice counts of `bench_fp8_gemm.py --split-sweep M --json PATH`
 forced on the decode-sized dense GEMMs, in the same process: the step time the sweep's choice
-gives, to compare with a plain run before the policy in `dense_split_k_sm90` is changed.
+gives, to compare with a plain run (the automatic slice counts) before the policy in
+`select_dense_config_sm90` is changed.
 
     python benchmarks/lmsys_with_split_k.py PATH [benchmark_lmsys_e2e flags...]
 """

@@ -119,7 +119,7 @@ std::pair<int64_t, int64_t> check_gemm_operands(const char* op, const at::Tensor
 // Runs the sm90 grouped kernel; `out` is bf16 rows of n, already allocated.
 void launch_grouped(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& ws,
                     const at::Tensor& out, GroupLayout layout, int groups, int64_t m, int64_t n, int64_t k,
-                    const int32_t* offsets, const int32_t* counts, float* split_scales = nullptr) {
+                    const int32_t* offsets, const int32_t* counts) {
   const c10::cuda::CUDAGuard guard(xq.device());
   GroupedGemmParams p{};
   p.layout = layout;
@@ -130,7 +130,6 @@ void launch_grouped(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor
   p.d = out.data_ptr();
   p.offsets = offsets;
   p.counts = counts;
-  p.split_scales = split_scales;
   p.num_groups = groups;
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
@@ -209,23 +208,33 @@ at::Tensor fp8_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor
   check_int32(op, "m", m);
   at::Tensor out = at::empty({m, n}, xq.options().dtype(at::kBFloat16));
   if (m == 0) return out;
-  GroupedGemmParams shape{};
-  shape.m = static_cast<int>(m);
-  shape.n = static_cast<int>(n);
-  shape.k = static_cast<int>(k);
-  shape.sm_count = sm_count(xq.get_device());
-  const int splits = dense_split_k_sm90(shape);
-  if (splits == 1) {
+  if (m > kDenseMaxRows || gemm_config_forced()) {
     launch_grouped(xq, xs, w, ws, out, GroupLayout::kDense, 1, m, n, k, nullptr, nullptr);
     return out;
   }
-  // split-K: bf16 partial products of the K slices, then their fp32 sum
-  const at::Tensor partials = at::empty({splits, m, n}, out.options());
-  const at::Tensor scratch = at::empty({(m + cdiv(n, kBlock)) * cdiv(k, kBlock)}, xs.options());
-  launch_grouped(xq, xs, w, ws, partials, GroupLayout::kSplitK, splits, m, n, k, nullptr, nullptr,
-                 scratch.data_ptr<float>());
-  const SplitKReduceParams r{partials.data_ptr(), out.data_ptr(), m * n, splits};
-  check_launch(splitk_reduce(r, c10::cuda::getCurrentCUDAStream(xq.get_device()).stream()));
+  // decode-sized: the dense kernel, its K cut into slices (bf16 partial products, then their fp32 sum)
+  const c10::cuda::CUDAGuard guard(xq.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(xq.get_device()).stream();
+  DenseGemmParams p{};
+  p.x = xq.data_ptr();
+  p.xs = xs.data_ptr<float>();
+  p.w = w.data_ptr();
+  p.ws = ws.data_ptr<float>();
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.sm_count = sm_count(xq.get_device());
+  select_dense_config_sm90(p);
+  const at::Tensor partials = p.splits == 1 ? out : at::empty({p.splits, m, n}, out.options());
+  p.d = partials.data_ptr();
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(dense_gemm_workspace_bytes_sm90(p))}, xq.options().dtype(at::kByte));
+  p.workspace = workspace.data_ptr();
+  check_launch(dense_gemm_sm90(p, stream));
+  if (p.splits > 1) {
+    const SplitKReduceParams r{partials.data_ptr(), out.data_ptr(), m * n, p.splits};
+    check_launch(splitk_reduce(r, stream));
+  }
   return out;
 }
 

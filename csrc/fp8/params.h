@@ -48,11 +48,6 @@ enum class GroupLayout : int {
   kDense = 0,       // one group, rows 0..m
   kContiguous = 1,  // rows offsets[g]..offsets[g+1] (clamped to 0..m) use group g
   kMasked = 2,      // rows g*m .. g*m + min(counts[g], m) use group g; m is max_m
-  // One weight, K split in num_groups equal slices (split-K): group g multiplies all m rows of
-  // A[:, g*k/G : (g+1)*k/G] by the same slice of B and writes its partial product to d + g*m*n
-  // (bf16); a reduction sums the partials. For decode-sized dense GEMMs, whose few N tiles would
-  // leave most SMs idle.
-  kSplitK = 3,
 };
 
 struct GroupedGemmParams {
@@ -72,13 +67,9 @@ struct GroupedGemmParams {
   int config;          // GemmConfig, from select_gemm_config_sm90
   bool raster_along_n; // tile order of the persistent scheduler (false: consecutive tiles go along M)
   void* workspace;     // device, grouped_gemm_workspace_bytes_sm90(p) bytes
-  // kSplitK: device scratch of (m + ceil(n/128)) * ceil(k/128) floats. CUTLASS derives a group's
-  // scale layout from its own problem shape (k/G deep), so the K-major scales of A and B are
-  // rearranged there into one [G, rows, k/G/128] block per slice.
-  float* split_scales;
 };
 
-// kSplitK: out bf16 [m, n] = sum over the g partials [g, m, n] bf16, in fp32, in slice order.
+// The split dense GEMM's reduction: out bf16 [m, n] = the sum of the g partials [g, m, n] bf16, in fp32, in slice order.
 struct SplitKReduceParams {
   const void* partials;
   void* out;
@@ -86,6 +77,24 @@ struct SplitKReduceParams {
   int splits;
 };
 const char* splitk_reduce(const SplitKReduceParams& p, cudaStream_t stream);
+
+// A dense GEMM of at most 64 rows (decode), the sm90 kernel of dense_gemm.cuh: the partial
+// products of `splits` equal K slices, bf16 [splits, m, n] at d, slice l = (x * xs)[:, K_l] x
+// ((w * ws)[:, K_l])^T (with splits = 1 the output [m, n] itself).
+struct DenseGemmParams {
+  const void* x;    // e4m3 [m, k]
+  const float* xs;  // fp32 [m, ceil(k/128)]
+  const void* w;    // e4m3 [n, k]
+  const float* ws;  // fp32 [ceil(n/128), ceil(k/128)]
+  void* d;          // bf16 [splits, m, n]
+  int m;
+  int n;
+  int k;
+  int splits;       // divides k / 128 (k % 128 == 0 when splits > 1)
+  int sm_count;
+  int config;       // index into NMOE_FP8_DENSE_CONFIGS, from select_dense_config_sm90
+  void* workspace;  // device, dense_gemm_workspace_bytes_sm90(p) bytes
+};
 
 // The sm90 kernel configurations, one CUTLASS instantiation each (csrc/fp8/sm90/gemm_<name>.cu).
 // Names: n = CUTLASS's A operand is the activations, s = swapped (A is the weights, the tokens are
@@ -114,18 +123,37 @@ enum GemmConfig : int {
 // Picks the configuration (and raster order) for p's layout and the row counts the host knows
 // (m, num_groups, max_m); honours set_gemm_override. Fills p.config and p.raster_along_n.
 void select_gemm_config_sm90(GroupedGemmParams& p);
-// The K slices a dense call of p's shape (m, n, k, sm_count) should be split into: 1 unless the
-// call is decode-sized (the swapped configurations) and its N tiles fill under half the SMs.
-int dense_split_k_sm90(const GroupedGemmParams& p);
 size_t grouped_gemm_workspace_bytes_sm90(const GroupedGemmParams& p);
 const char* grouped_gemm_sm90(const GroupedGemmParams& p, cudaStream_t stream);
 // Benchmarks and tests: force a configuration (-1: automatic) and raster order (-1: the config's
 // own, 0: along M, 1: along N) for every later call in this process. Returns the configuration count.
 int set_gemm_override(int config, int raster);
-// Benchmarks: force the K slices of dense calls of at most 64 rows with this (n, k) (splits must
-// divide k / 128; 0 removes the entry; n = k = 0 removes all). Returns the entries in force.
+// Whether set_gemm_override forces a configuration now (fp8_gemm then takes the grouped kernel at
+// every row count, so that the forced configuration is what runs).
+bool gemm_config_forced();
+// Benchmarks and tests: force the K slices of dense calls of at most 64 rows with this (n, k) (splits
+// must divide k / 128; 0 removes the entry; n = k = 0 removes all). Returns the entries in force.
 int set_split_k_override(int n, int k, int splits);
 const char* gemm_config_name(int config);
+
+// The dense decode configurations (csrc/fp8/sm90/dense_gemm_<name>.cu): swapped, 256 weight rows x a
+// token tile of 32 or 64. Used by fp8_gemm for m <= kDenseMaxRows.
+constexpr int kDenseMaxRows = 64;
+#define NMOE_FP8_DENSE_CONFIGS(X) \
+  X(s256x32)                      \
+  X(s256x64)
+
+#define NMOE_FP8_DECLARE_DENSE_CONFIG(name)                  \
+  size_t dense_workspace_##name(const DenseGemmParams& p); \
+  const char* dense_run_##name(const DenseGemmParams& p, cudaStream_t stream);
+NMOE_FP8_DENSE_CONFIGS(NMOE_FP8_DECLARE_DENSE_CONFIG)
+#undef NMOE_FP8_DECLARE_DENSE_CONFIG
+
+// Fills p.config and p.splits: the K slices that spread the call's few output tiles over the SMs
+// (dense_split_k_sm90's rule, or the entry set_split_k_override forced for this (n, k)).
+void select_dense_config_sm90(DenseGemmParams& p);
+size_t dense_gemm_workspace_bytes_sm90(const DenseGemmParams& p);
+const char* dense_gemm_sm90(const DenseGemmParams& p, cudaStream_t stream);
 
 const char* act_quant(const ActQuantParams& p, cudaStream_t stream);
 const char* silu_mul_quant(const SiluMulQuantParams& p, cudaStream_t stream);

@@ -274,25 +274,46 @@ def test_fp8_gemm_v3_shapes(m, n, k):
 @cuda
 @pytest.mark.parametrize("n,k", [(24576, 1536), (2112, 7168), (7168, 2048)])
 def test_fp8_gemm_forced_split_k(n, k):
-    """Every K-slice count that divides k / 128, forced (the benchmark's sweep), at decode rows:
-    within DIFF_MAX of the fp32 reference, and an override for another shape leaves this one alone."""
+    """The dense decode kernel with every K-slice count that divides k / 128 forced (the benchmark's
+    sweep), at decode rows: each within DIFF_MAX of the fp32 reference; a count that does not divide
+    is ignored, and an override for another shape leaves this one alone."""
     gen = torch.Generator(device="cuda").manual_seed(n + k)
     xq, xs = quant_fp8_act(rand_act(32, k, "cuda", gen))
     w, ws = rand_weights(1, n, k, "cuda", gen)
     want = dequant_act_fp8(xq, xs) @ dequant_block_fp8(w[0], ws[0]).t()
     auto = fp8_gemm(xq, xs, w[0], ws[0])
+    assert diff(auto, want) < DIFF_MAX
+    kb = k // 128
     ops = torch.ops.nmoe
     try:
         assert ops._fp8_split_k_override(n + 128, k, 2) == 1
         assert torch.equal(fp8_gemm(xq, xs, w[0], ws[0]), auto)
-        for splits in [d for d in range(1, k // 128 + 1) if (k // 128) % d == 0]:
+        for splits in [d for d in range(1, kb + 1) if kb % d == 0]:
             ops._fp8_split_k_override(n, k, splits)
             poison_allocator(splits * 32 * n)
             out = fp8_gemm(xq, xs, w[0], ws[0])
             assert torch.isfinite(out).all(), splits
             assert diff(out, want) < DIFF_MAX, splits
+        ops._fp8_split_k_override(n, k, 5)  # divides none of these k / 128
+        assert torch.equal(fp8_gemm(xq, xs, w[0], ws[0]), auto)
     finally:
         assert ops._fp8_split_k_override(0, 0, 0) == 0
+
+
+@cuda
+@pytest.mark.parametrize("n,k,m_small,m", [(7168, 16384, 5, 32), (2112, 7168, 1, 29), (4096, 7168, 33, 64)])
+def test_dense_decode_gemm_is_deterministic_and_batch_invariant(n, k, m_small, m):
+    """The dense decode kernel's slices are summed in slice order by one kernel: the same call twice
+    is bitwise equal, and a row's output does not depend on how many other rows share its token tile
+    (a CUDA-graph bucket padded to m and an eager step of m_small rows agree)."""
+    gen = torch.Generator(device="cuda").manual_seed(n + m)
+    xq, xs = quant_fp8_act(rand_act(m, k, "cuda", gen))
+    w, ws = rand_weights(1, n, k, "cuda", gen)
+    full = fp8_gemm(xq, xs, w[0], ws[0])
+    assert torch.equal(fp8_gemm(xq, xs, w[0], ws[0]), full)
+    part = fp8_gemm(xq[:m_small].contiguous(), xs[:m_small].contiguous(), w[0], ws[0])
+    assert torch.equal(part, full[:m_small])
+    assert diff(full, dequant_act_fp8(xq, xs) @ dequant_block_fp8(w[0], ws[0]).t()) < DIFF_MAX
 
 
 @cuda

@@ -69,13 +69,23 @@ int auto_config(const GroupedGemmParams& p) {
   return p.layout == GroupLayout::kDense ? kGemm_n128x128 : kGemm_n128x128c12;
 }
 
-}  // namespace
+struct DenseEntry {
+  size_t (*workspace)(const DenseGemmParams& p);
+  const char* (*run)(const DenseGemmParams& p, cudaStream_t stream);
+};
 
-int dense_split_k_sm90(const GroupedGemmParams& p) {
-  // The swapped configurations put 256 weight rows in a tile. Below half the SMs busy, split K
-  // into the most slices that still fit one wave, each at least 4 scale blocks (512) deep:
-  // m=32 o_proj (n 7168, k 16384) 28 tiles -> 4 slices; kv/q_a (2112, 7168) 9 -> 14.
-  if (p.m > 64 || p.k % kBlock) return 1;
+constexpr DenseEntry kDenseConfigs[] = {
+#define NMOE_FP8_DENSE_ENTRY(name) {&dense_workspace_##name, &dense_run_##name},
+    NMOE_FP8_DENSE_CONFIGS(NMOE_FP8_DENSE_ENTRY)
+#undef NMOE_FP8_DENSE_ENTRY
+};
+constexpr int kNumDenseConfigs = sizeof(kDenseConfigs) / sizeof(kDenseConfigs[0]);
+
+// The K slices of a dense call: 1 unless its 256-row N tiles fill under half the SMs; then the most
+// slices that still fit one wave, each at least 4 scale blocks (512) deep: m=32 o_proj (n 7168,
+// k 16384) 28 tiles -> 4 slices; q_a + kv_a (2112, 7168) 9 -> 14.
+int dense_splits(const DenseGemmParams& p) {
+  if (p.k % kBlock) return 1;
   const int tiles = (p.n + 255) / 256, kb = p.k / kBlock;
   const int forced = forced_splits(p.n, p.k);
   if (forced > 0 && kb % forced == 0) return forced;
@@ -85,6 +95,26 @@ int dense_split_k_sm90(const GroupedGemmParams& p) {
     if (kb % s == 0 && tiles * s <= p.sm_count) best = s;
   }
   return best;
+}
+
+}  // namespace
+
+void select_dense_config_sm90(DenseGemmParams& p) {
+  // The token tile: 32 wide up to 32 rows, else 64 (a tile wider than the rows only costs MMA
+  // issue slots, which a call streaming its weights once leaves idle).
+  p.config = p.m <= 32 ? 0 : 1;
+  p.splits = dense_splits(p);
+}
+
+size_t dense_gemm_workspace_bytes_sm90(const DenseGemmParams& p) { return kDenseConfigs[p.config].workspace(p); }
+
+const char* dense_gemm_sm90(const DenseGemmParams& p, cudaStream_t stream) {
+  if (p.config < 0 || p.config >= kNumDenseConfigs) return "dense_gemm_sm90: bad configuration index";
+  if (p.m < 1 || p.m > kDenseMaxRows) return "dense_gemm_sm90: m must be in 1..64";
+  if (p.splits < 1 || (p.splits > 1 && (p.k % kBlock || (p.k / kBlock) % p.splits))) {
+    return "dense_gemm_sm90: splits must divide k / 128";
+  }
+  return kDenseConfigs[p.config].run(p, stream);
 }
 
 void select_gemm_config_sm90(GroupedGemmParams& p) {
@@ -122,6 +152,8 @@ int set_gemm_override(int config, int raster) {
   g_override_raster.store(raster, std::memory_order_relaxed);
   return kNumGemmConfigs;
 }
+
+bool gemm_config_forced() { return g_override_config.load(std::memory_order_relaxed) >= 0; }
 
 const char* gemm_config_name(int config) {
   return config >= 0 && config < kNumGemmConfigs ? kConfigs[config].name : "";

@@ -172,7 +172,7 @@ struct GroupedGemm {
 
 // The rows [row0, row0 + rows) that group g multiplies, from the layout of p.
 __device__ __forceinline__ void group_rows(const GroupedGemmParams& p, int g, int& row0, int& rows) {
-  if (p.layout == GroupLayout::kDense || p.layout == GroupLayout::kSplitK) {
+  if (p.layout == GroupLayout::kDense) {
     row0 = 0;
     rows = p.m;
   } else if (p.layout == GroupLayout::kContiguous) {
@@ -192,21 +192,6 @@ __global__ void build_group_arrays(GroupedGemmParams p, typename G::GroupArrays 
   using ElementD = typename G::ElementD;
   const int kb = (p.k + kBlock - 1) / kBlock;
   const int nb = (p.n + kBlock - 1) / kBlock;
-  const bool split = p.layout == GroupLayout::kSplitK;
-  // kSplitK: slice g's scales as one contiguous K-major block each ([G, m, kbs] then [G, nb, kbs]),
-  // written by blocks 1.. (block 0 only points at them)
-  const int kbs = split ? kb / p.num_groups : kb;
-  if (blockIdx.x > 0) {  // kSplitK: blocks 1.. move one scale per thread (decode-sized: int32 indices)
-    const int a_elems = p.m * kb;
-    const int i = (blockIdx.x - 1) * blockDim.x + threadIdx.x;
-    if (!split || i >= a_elems + nb * kb) return;
-    const bool is_a = i < a_elems;
-    const int j = is_a ? i : i - a_elems;
-    const int row = j / kb, col = j % kb, rows_of = is_a ? p.m : nb;
-    float* dst = p.split_scales + (is_a ? 0 : a_elems);
-    dst[(col / kbs) * rows_of * kbs + row * kbs + col % kbs] = is_a ? p.sa[j] : p.sb[j];
-    return;
-  }
   for (int e = threadIdx.x; e < p.num_groups; e += blockDim.x) {
     int row0, rows;
     group_rows(p, e, row0, rows);
@@ -215,18 +200,10 @@ __global__ void build_group_arrays(GroupedGemmParams p, typename G::GroupArrays 
     const float* act_s = p.sa + static_cast<int64_t>(row0) * kb;
     const float* wgt_s = p.sb + static_cast<int64_t>(e) * nb * kb;
     ElementD* out = static_cast<ElementD*>(p.d) + static_cast<int64_t>(row0) * p.n;
-    if (split) {  // every slice: all rows, one weight, K offset e * kbs blocks, its own partial output
-      const int64_t koff = static_cast<int64_t>(e) * kbs * kBlock;
-      act = static_cast<const ElementA*>(p.a) + koff;
-      wgt = static_cast<const ElementB*>(p.b) + koff;
-      act_s = p.split_scales + static_cast<int64_t>(e) * p.m * kbs;
-      wgt_s = p.split_scales + static_cast<int64_t>(p.m) * kb + static_cast<int64_t>(e) * nb * kbs;
-      out = static_cast<ElementD*>(p.d) + static_cast<int64_t>(e) * p.m * p.n;
-    }
     // CUTLASS's (M, N) is (rows, n), or (n, rows) swapped; its A and B are the K-contiguous operands of M and N.
     const int cm = G::kSwapAB ? p.n : rows;
     const int cn = G::kSwapAB ? rows : p.n;
-    const int ck = split ? kbs * kBlock : p.k;
+    const int ck = p.k;
     g.shapes[e] = typename G::Shape3{cm, cn, ck};
     g.a[e] = G::kSwapAB ? wgt : act;  // both e4m3
     g.b[e] = G::kSwapAB ? act : wgt;
@@ -257,13 +234,7 @@ const char* GroupedGemm<TileM, TileN, Pingpong, ClusterM, ClusterN, SwapAB>::run
   char* base = static_cast<char*>(p.workspace);
   GroupArrays g;
   const size_t arrays_bytes = group_arrays_bytes(p.num_groups, base, &g);
-  // block 0 fills the group arrays; under kSplitK more blocks rearrange the scales (one each)
-  int blocks = 1;
-  if (p.layout == GroupLayout::kSplitK) {
-    const int kb = (p.k + kBlock - 1) / kBlock, nb = (p.n + kBlock - 1) / kBlock;
-    blocks += ((p.m + nb) * kb + 255) / 256;
-  }
-  build_group_arrays<GroupedGemm><<<blocks, 256, 0, stream>>>(p, g);
+  build_group_arrays<GroupedGemm><<<1, 256, 0, stream>>>(p, g);
   if (cudaPeekAtLastError() != cudaSuccess) return "grouped_gemm_sm90: launching build_group_arrays failed";
 
   typename Gemm::Arguments args = make_arguments(p, g);

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "attention/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::attention {
 namespace {
@@ -15,6 +16,7 @@ namespace {
 constexpr int kWarps = 4;
 
 __global__ void __launch_bounds__(32 * kWarps) mla_decode_q_kernel(const MlaDecodeQParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int lane = threadIdx.x & 31;
   const int64_t b = blockIdx.y, h = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (h >= p.heads) return;
@@ -41,8 +43,8 @@ const char* mla_decode_q_launch(const MlaDecodeQParams& p, cudaStream_t stream) 
   if (p.batch == 0 || p.heads == 0) return nullptr;
   if (p.batch > 65535) return "mla_decode_q: more than 65535 sequences in one launch";
   const dim3 grid(static_cast<unsigned>((p.heads + kWarps - 1) / kWarps), static_cast<unsigned>(p.batch));
-  mla_decode_q_kernel<<<grid, 32 * kWarps, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "mla_decode_q: kernel launch failed";
+  const cudaError_t launched = launch_pdl(mla_decode_q_kernel, grid, 32 * kWarps, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "mla_decode_q: kernel launch failed";
 }
 
 }  // namespace nmoe::attention

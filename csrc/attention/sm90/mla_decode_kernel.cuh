@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "attention/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::attention::sm90 {
 
@@ -359,6 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_split_kernel(const __g
 // Merges the splits of one (sequence, head): out = sum_s exp(lse_s - lse) o_s, lse = logsumexp lse_s.
 // 128 threads, 4 columns each.
 __global__ void __launch_bounds__(128) mla_decode_combine_kernel(const __grid_constant__ MlaDecodeParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int h = blockIdx.x, b = blockIdx.y;
   const int64_t base = static_cast<int64_t>(b) * p.num_splits * p.heads + h;  // (b, split 0, h)
   float mx = -__int_as_float(0x7f800000);

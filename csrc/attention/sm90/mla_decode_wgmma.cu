@@ -15,8 +15,8 @@ const char* mla_decode_wgmma_launch_split(const MlaDecodeParams& p, cudaStream_t
     return "mla_decode_paged: cannot raise the shared-memory limit of the wgmma kernel";
   }
   const dim3 grid((p.heads + sm90_wgmma::kHeads - 1) / sm90_wgmma::kHeads, p.num_splits, p.batch);
-  kernel<<<grid, sm90_wgmma::kThreads, smem, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "mla_decode_paged: wgmma kernel launch failed";
+  const cudaError_t launched = launch_pdl(kernel, grid, sm90_wgmma::kThreads, smem, stream, p);
+  return launched == cudaSuccess ? nullptr : "mla_decode_paged: wgmma kernel launch failed";
 }
 
 }  // namespace nmoe::attention

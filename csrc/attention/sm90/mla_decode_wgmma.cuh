@@ -82,6 +82,7 @@
 #include <cstdint>
 
 #include "attention/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::attention::sm90_wgmma {
 
@@ -367,6 +368,7 @@ __device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float 
 
 template <bool kDefer, bool kFence>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __grid_constant__ MlaDecodeParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // wgmma needs the sm_90a target
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)

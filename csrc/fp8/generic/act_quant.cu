@@ -6,11 +6,13 @@
 // group); each thread handles kRowsPerThread rows of its column, all loads issued before the first use.
 #include "fp8/generic/group_quant.cuh"
 #include "fp8/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::fp8 {
 namespace {
 
 __global__ void __launch_bounds__(32 * kMaxQuantWarps) act_quant_kernel(ActQuantParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int64_t kb = (p.k + kBlock - 1) / kBlock;
   const int slot = threadIdx.x / kLanesPerGroup;
   const int lane = threadIdx.x % kLanesPerGroup;
@@ -52,8 +54,8 @@ const char* act_quant(const ActQuantParams& p, cudaStream_t stream) {
   const int64_t kb = (p.k + kBlock - 1) / kBlock;
   if (p.m == 0 || kb == 0) return nullptr;
   const QuantGeometry geo = quant_geometry(p.m, kb);
-  act_quant_kernel<<<geo.grid, geo.block, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "act_quant: kernel launch failed";
+  const cudaError_t launched = launch_pdl(act_quant_kernel, geo.grid, geo.block, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "act_quant: kernel launch failed";
 }
 
 }  // namespace nmoe::fp8

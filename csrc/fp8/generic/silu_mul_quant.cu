@@ -7,6 +7,7 @@
 // The quantization itself is the exact one of quant_fp8_act.
 #include "fp8/generic/group_quant.cuh"
 #include "fp8/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::fp8 {
 namespace {
@@ -16,6 +17,7 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
 }
 
 __global__ void __launch_bounds__(32 * kMaxQuantWarps) silu_mul_quant_kernel(SiluMulQuantParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int64_t ib = (p.i + kBlock - 1) / kBlock;
   const int slot = threadIdx.x / kLanesPerGroup;
   const int lane = threadIdx.x % kLanesPerGroup;
@@ -59,8 +61,8 @@ const char* silu_mul_quant(const SiluMulQuantParams& p, cudaStream_t stream) {
   const int64_t ib = (p.i + kBlock - 1) / kBlock;
   if (p.m == 0 || ib == 0) return nullptr;
   const QuantGeometry geo = quant_geometry(p.m, ib);
-  silu_mul_quant_kernel<<<geo.grid, geo.block, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "silu_mul_quant: kernel launch failed";
+  const cudaError_t launched = launch_pdl(silu_mul_quant_kernel, geo.grid, geo.block, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "silu_mul_quant: kernel launch failed";
 }
 
 }  // namespace nmoe::fp8

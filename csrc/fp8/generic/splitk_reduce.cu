@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "fp8/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::fp8 {
 namespace {
@@ -13,6 +14,7 @@ namespace {
 constexpr int kThreads = 256;
 
 __global__ void __launch_bounds__(kThreads) splitk_reduce_kernel(const SplitKReduceParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (v * 8 >= p.elems) return;
   const auto* parts = static_cast<const uint4*>(p.partials);
@@ -41,8 +43,8 @@ const char* splitk_reduce(const SplitKReduceParams& p, cudaStream_t stream) {
   if (p.elems == 0) return nullptr;
   if (p.elems % 8) return "splitk_reduce: m * n must be a multiple of 8";
   const int64_t blocks = (p.elems / 8 + kThreads - 1) / kThreads;
-  splitk_reduce_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "splitk_reduce: kernel launch failed";
+  const cudaError_t launched = launch_pdl(splitk_reduce_kernel, static_cast<unsigned>(blocks), kThreads, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "splitk_reduce: kernel launch failed";
 }
 
 }  // namespace nmoe::fp8

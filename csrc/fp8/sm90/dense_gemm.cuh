@@ -113,6 +113,9 @@ struct DenseDecodeGemm {
     if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) {
       return "dense_gemm_sm90: CUTLASS initialize failed";
     }
+    // Launched without programmatic dependent launch (csrc/pdl.cuh): in CUTLASS 4.2 the
+    // blockwise-scaled kernel's scale-loading warp (MainloopAux) does not wait for the previous
+    // grid, so it could read the activation scales before the quant kernel has written them.
     if (gemm.run(stream) != cutlass::Status::kSuccess) return "dense_gemm_sm90: CUTLASS launch failed";
     return nullptr;
   }

@@ -30,6 +30,7 @@
 #include <cutlass/gemm/kernel/tile_scheduler_detail.hpp>
 
 #include "fp8/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::fp8::sm90 {
 
@@ -187,6 +188,7 @@ __device__ __forceinline__ void group_rows(const GroupedGemmParams& p, int g, in
 
 template <class G>
 __global__ void build_group_arrays(GroupedGemmParams p, typename G::GroupArrays g) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   using ElementA = typename G::ElementA;
   using ElementB = typename G::ElementB;
   using ElementD = typename G::ElementD;
@@ -234,8 +236,8 @@ const char* GroupedGemm<TileM, TileN, Pingpong, ClusterM, ClusterN, SwapAB>::run
   char* base = static_cast<char*>(p.workspace);
   GroupArrays g;
   const size_t arrays_bytes = group_arrays_bytes(p.num_groups, base, &g);
-  build_group_arrays<GroupedGemm><<<1, 256, 0, stream>>>(p, g);
-  if (cudaPeekAtLastError() != cudaSuccess) return "grouped_gemm_sm90: launching build_group_arrays failed";
+  const cudaError_t launched = launch_pdl(build_group_arrays<GroupedGemm>, 1, 256, 0, stream, p, g);
+  if (launched != cudaSuccess) return "grouped_gemm_sm90: launching build_group_arrays failed";
 
   typename Gemm::Arguments args = make_arguments(p, g);
   Gemm gemm;

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "kv/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::kv {
 namespace {
@@ -44,6 +45,7 @@ __device__ __forceinline__ bool slot_of(const KvAppendParams& p, int64_t t, int6
 
 // One thread per 16-byte vector of a row (same 16-bit dtype everywhere: a bitwise copy).
 __global__ void kv_append_vec16_kernel(const KvAppendParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int vr = p.rank / 8, vrow = vr + p.rope / 8;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= p.tokens * vrow) return;
@@ -58,6 +60,7 @@ __global__ void kv_append_vec16_kernel(const KvAppendParams p) {
 
 // One thread per element, converting through fp32 (the torch reference's `.to(cache.dtype)`).
 __global__ void kv_append_scalar_kernel(const KvAppendParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int row = p.rank + p.rope;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= p.tokens * row) return;
@@ -73,6 +76,7 @@ __global__ void kv_append_scalar_kernel(const KvAppendParams p) {
 // grid (pages to copy, blocks per page); a grid-stride loop over the page's bytes.
 template <typename V>
 __global__ void kv_copy_pages_kernel(const KvCopyPagesParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int64_t s = p.src[blockIdx.x], d = p.dst[blockIdx.x];
   if (s < 0 || s >= p.pages || d < 0 || d >= p.pages) return;
   const auto* from = reinterpret_cast<const V*>(static_cast<const uint8_t*>(p.cache) + s * p.page_stride_bytes);
@@ -91,12 +95,10 @@ const char* kv_append_paged_launch(const KvAppendParams& p, cudaStream_t stream)
   const int64_t work = p.tokens * (p.vec16 ? (p.rank + p.rope) / 8 : p.rank + p.rope);
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) return "kv_append_paged: too many tokens for one launch";
-  if (p.vec16) {
-    kv_append_vec16_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-  } else {
-    kv_append_scalar_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-  }
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "kv_append_paged: kernel launch failed";
+  const cudaError_t launched =
+      p.vec16 ? launch_pdl(kv_append_vec16_kernel, static_cast<unsigned>(blocks), kThreads, 0, stream, p)
+              : launch_pdl(kv_append_scalar_kernel, static_cast<unsigned>(blocks), kThreads, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "kv_append_paged: kernel launch failed";
 }
 
 const char* kv_copy_pages_launch(const KvCopyPagesParams& p, cudaStream_t stream) {
@@ -105,12 +107,9 @@ const char* kv_copy_pages_launch(const KvCopyPagesParams& p, cudaStream_t stream
   const int64_t elems = p.vec16 ? p.page_bytes / 16 : p.page_bytes;
   const unsigned per_page = static_cast<unsigned>(std::min<int64_t>(16, (elems + kThreads * 4 - 1) / (kThreads * 4)));
   const dim3 grid(static_cast<unsigned>(p.n), std::max(1u, per_page));
-  if (p.vec16) {
-    kv_copy_pages_kernel<uint4><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    kv_copy_pages_kernel<uint8_t><<<grid, kThreads, 0, stream>>>(p);
-  }
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "kv_copy_pages: kernel launch failed";
+  const cudaError_t launched = p.vec16 ? launch_pdl(kv_copy_pages_kernel<uint4>, grid, kThreads, 0, stream, p)
+                                       : launch_pdl(kv_copy_pages_kernel<uint8_t>, grid, kThreads, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "kv_copy_pages: kernel launch failed";
 }
 
 }  // namespace nmoe::kv

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kv/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::kv {
 namespace {
@@ -23,6 +24,7 @@ __device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s
 }
 
 __global__ void __launch_bounds__(32 * kWarps) kv_norm_rope_kernel(const KvNormRopeParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int lane = threadIdx.x & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (t >= p.tokens) return;
@@ -80,8 +82,8 @@ const char* kv_norm_rope_append_launch(const KvNormRopeParams& p, cudaStream_t s
   if (p.tokens == 0) return nullptr;
   const int64_t blocks = (p.tokens + kWarps - 1) / kWarps;
   if (blocks > 0x7fffffff) return "kv_norm_rope_append: too many tokens for one launch";
-  kv_norm_rope_kernel<<<static_cast<unsigned>(blocks), 32 * kWarps, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "kv_norm_rope_append: kernel launch failed";
+  const cudaError_t launched = launch_pdl(kv_norm_rope_kernel, static_cast<unsigned>(blocks), 32 * kWarps, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "kv_norm_rope_append: kernel launch failed";
 }
 
 }  // namespace nmoe::kv

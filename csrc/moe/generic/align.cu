@@ -9,6 +9,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "moe/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::moe {
 namespace {
@@ -22,6 +23,7 @@ __device__ __forceinline__ int expert_of(const AlignParams& p, int64_t s) {
 }
 
 __global__ void __launch_bounds__(kThreads) moe_align_kernel(const AlignParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int cursor[kMaxLocalExperts];
@@ -64,8 +66,8 @@ __global__ void __launch_bounds__(kThreads) moe_align_kernel(const AlignParams p
 }  // namespace
 
 const char* moe_align_launch(const AlignParams& p, cudaStream_t stream) {
-  moe_align_kernel<<<1, kThreads, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "moe_align: kernel launch failed";
+  const cudaError_t launched = launch_pdl(moe_align_kernel, 1, kThreads, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "moe_align: kernel launch failed";
 }
 
 }  // namespace nmoe::moe

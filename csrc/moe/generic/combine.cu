@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "moe/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::moe {
 namespace {
@@ -25,6 +26,7 @@ __device__ __forceinline__ void add_scaled(float (&acc)[kVec], const uint4& raw,
 }
 
 __global__ void __launch_bounds__(kThreads) moe_combine_kernel(const CombineParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   const int64_t t = blockIdx.x;
   const int c = (blockIdx.y * kThreads + threadIdx.x) * kVec;
   if (c >= p.h) return;
@@ -65,8 +67,8 @@ const char* moe_combine_launch(const CombineParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || p.h == 0) return nullptr;
   if (p.tokens > 0x7fffffff) return "moe_combine: too many tokens for one launch";
   const int col_blocks = (p.h / kVec + kThreads - 1) / kThreads;
-  moe_combine_kernel<<<dim3(static_cast<unsigned>(p.tokens), col_blocks), kThreads, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "moe_combine: kernel launch failed";
+  const cudaError_t launched = launch_pdl(moe_combine_kernel, dim3(static_cast<unsigned>(p.tokens), col_blocks), kThreads, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "moe_combine: kernel launch failed";
 }
 
 }  // namespace nmoe::moe

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "norm/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::norm {
 namespace {
@@ -34,6 +35,7 @@ __device__ __forceinline__ uint4 pack(const float (&v)[8]) {
 }
 
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   __shared__ float warp_sums[kThreads / 32];
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x, vecs = p.h / 8;
@@ -91,8 +93,8 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormParams 
 const char* rms_norm_launch(const RmsNormParams& p, cudaStream_t stream) {
   if (p.rows == 0) return nullptr;
   if (p.rows > 0x7fffffff) return "rms_norm: too many rows for one launch";
-  rms_norm_kernel<<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "rms_norm: kernel launch failed";
+  const cudaError_t launched = launch_pdl(rms_norm_kernel, static_cast<unsigned>(p.rows), kThreads, 0, stream, p);
+  return launched == cudaSuccess ? nullptr : "rms_norm: kernel launch failed";
 }
 
 }  // namespace nmoe::norm

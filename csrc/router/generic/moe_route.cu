@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "router/params.h"
+#include "pdl.cuh"
 
 namespace nmoe::router {
 namespace {
@@ -27,6 +28,7 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 }
 
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const MoeRouteParams p) {
+  pdl_enter();  // first: see csrc/pdl.cuh
   extern __shared__ float smem[];  // per warp: score[E], choice[E]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
@@ -102,8 +104,8 @@ const char* moe_route_launch(const MoeRouteParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 0x7fffffff) return "moe_route: too many tokens for one launch";
   const size_t smem = static_cast<size_t>(kWarpsPerBlock) * 2 * p.experts * sizeof(float);
-  moe_route_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? nullptr : "moe_route: kernel launch failed";
+  const cudaError_t launched = launch_pdl(moe_route_kernel, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream, p);
+  return launched == cudaSuccess ? nullptr : "moe_route: kernel launch failed";
 }
 
 }  // namespace nmoe::router

@@ -69,7 +69,8 @@ struct GroupedGemmParams {
   void* workspace;     // device, grouped_gemm_workspace_bytes_sm90(p) bytes
 };
 
-// The split dense GEMM's reduction: out bf16 [m, n] = the sum of the g partials [g, m, n] bf16, in fp32, in slice order.
+// The split dense GEMM's reduction: out bf16 [m, n] = the sum of the g partials [g, m, n] bf16,
+// in fp32, in slice order.
 struct SplitKReduceParams {
   const void* partials;
   void* out;
@@ -150,7 +151,7 @@ NMOE_FP8_DENSE_CONFIGS(NMOE_FP8_DECLARE_DENSE_CONFIG)
 #undef NMOE_FP8_DECLARE_DENSE_CONFIG
 
 // Fills p.config and p.splits: the K slices that spread the call's few output tiles over the SMs
-// (dense_split_k_sm90's rule, or the entry set_split_k_override forced for this (n, k)).
+// (the rule in gemm_dispatch.cpp, or the entry set_split_k_override forced for this (n, k)).
 void select_dense_config_sm90(DenseGemmParams& p);
 size_t dense_gemm_workspace_bytes_sm90(const DenseGemmParams& p);
 const char* dense_gemm_sm90(const DenseGemmParams& p, cudaStream_t stream);

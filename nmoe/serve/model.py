@@ -144,6 +144,14 @@ def lower_right_causal_mask(q: int, n: int, device: torch.device) -> torch.Tenso
     return torch.arange(n, device=device)[None, :] <= torch.arange(n - q, n, device=device)[:, None]
 
 
+def cached_causal_mask(masks: dict, q: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """`lower_right_causal_mask(q, n)` from `masks`, one step's, built there on first use: so the
+    step's layers share one mask per (q, n)."""
+    if (q, n) not in masks:
+        masks[(q, n)] = lower_right_causal_mask(q, n, device)
+    return masks[(q, n)]
+
+
 @dataclass
 class AttnBatch:
     """What one serving step's attention needs, built by the engine from the scheduler's batch.
@@ -183,9 +191,7 @@ class AttnBatch:
 
     def prefill_mask(self, q: int, n: int) -> torch.Tensor | None:
         """`lower_right_causal_mask(q, n)`, built once per step and shared by every layer."""
-        if (q, n) not in self._masks:
-            self._masks[(q, n)] = lower_right_causal_mask(q, n, self.positions.device)
-        return self._masks[(q, n)]
+        return cached_causal_mask(self._masks, q, n, self.positions.device)
 
     def context_len(self, i: int) -> int:
         return self.seq_lens_host[i] if self.seq_lens_host is not None else int(self.seq_lens[i])

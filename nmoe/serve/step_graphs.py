@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from nmoe.serve.host_copy import to_device
-from nmoe.serve.model import MLA, AttnBatch, DeepseekV3, MoE, lower_right_causal_mask, row_starts
+from nmoe.serve.model import MLA, AttnBatch, DeepseekV3, MoE, cached_causal_mask, row_starts
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -183,9 +183,7 @@ class StepGraphs:
 
     def prefill_mask(self, q: int, n: int) -> torch.Tensor | None:
         """The step's `lower_right_causal_mask(q, n)`, built once and shared by every layer."""
-        if (q, n) not in self._masks:
-            self._masks[(q, n)] = lower_right_causal_mask(q, n, self.ids.device)
-        return self._masks[(q, n)]
+        return cached_causal_mask(self._masks, q, n, self.ids.device)
 
     def _forward(self, nd: int, np_: int, prefill_attention) -> torch.Tensor:
         attn = AttnBatch(

@@ -18,6 +18,8 @@
 // and passed as kernel parameters (the ptr-array kernel builds one per group on the device).
 #pragma once
 
+#include "fp8/sm90/gemm_launch.cuh"  // first: it enables CUTLASS's griddepcontrol
+
 #include <cutlass/cutlass.h>
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 
@@ -113,11 +115,7 @@ struct DenseDecodeGemm {
     if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) {
       return "dense_gemm_sm90: CUTLASS initialize failed";
     }
-    // Launched without programmatic dependent launch (csrc/pdl.cuh): in CUTLASS 4.2 the
-    // blockwise-scaled kernel's scale-loading warp (MainloopAux) does not wait for the previous
-    // grid, so it could read the activation scales before the quant kernel has written them.
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return "dense_gemm_sm90: CUTLASS launch failed";
-    return nullptr;
+    return launch_gemm(gemm, stream);  // with programmatic dependent launch: gemm_launch.cuh
   }
 };
 

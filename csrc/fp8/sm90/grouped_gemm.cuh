@@ -16,6 +16,8 @@
 // tile per CTA; D is then written column-major (ld = n), which is the same row-major [rows, n].
 #pragma once
 
+#include "fp8/sm90/gemm_launch.cuh"  // first: it enables CUTLASS's griddepcontrol
+
 #include <cutlass/cutlass.h>
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 
@@ -245,8 +247,7 @@ const char* GroupedGemm<TileM, TileN, Pingpong, ClusterM, ClusterN, SwapAB>::run
   if (gemm.initialize(args, base + arrays_bytes, stream) != cutlass::Status::kSuccess) {
     return "grouped_gemm_sm90: CUTLASS initialize failed";
   }
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return "grouped_gemm_sm90: CUTLASS launch failed";
-  return nullptr;
+  return launch_gemm(gemm, stream);  // with programmatic dependent launch: gemm_launch.cuh
 }
 
 }  // namespace nmoe::fp8::sm90

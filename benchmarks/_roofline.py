@@ -1,4 +1,4 @@
-"""Ceilings measured in the same run (device copy bandwidth, dense bf16 matmul rate) and a timer."""
+"""Ceilings measured in the same run (device copy bandwidth, dense bf16 matmul rate) and timers."""
 
 from __future__ import annotations
 
@@ -34,3 +34,26 @@ def bf16_matmul_rate() -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     t = time_us(lambda: a @ b, iters=20)
     return 2 * n**3 / (t * 1e-6)
+
+
+def graph_time_us(fn, calls: int = 10, replays: int = 10) -> float | None:
+    """Device time of one fn() from `calls` captured back to back in a CUDA graph; None if capture fails."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e3 / (calls * replays)
+    except RuntimeError as e:
+        print(f"(graph capture failed: {e}; eager times only)", flush=True)
+        return None

@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _roofline import hbm_bandwidth, time_us  # noqa: E402
+from _roofline import graph_time_us, hbm_bandwidth, time_us  # noqa: E402
 
 from nmoe.serve.ops.sampling import sample_ref  # noqa: E402
 
@@ -32,29 +32,6 @@ CASES = [  # name, temperature, top_k, top_p, min_p, num_top_logprobs
     ("top_k=40 top_p=0.95 min_p=0.05", 0.8, 40, 0.95, 0.05, 0),
     ("top_p=0.9 + 20 top logprobs", 1.0, 0, 0.9, 0.0, 20),
 ]
-
-
-def graph_time_us(fn, calls: int = 10, replays: int = 10) -> float | None:
-    """Device time of one fn() from `calls` captured back to back in a CUDA graph; None if capture fails."""
-    try:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e3 / (calls * replays)
-    except RuntimeError as e:
-        print(f"(graph capture failed: {e}; eager times only)", flush=True)
-        return None
 
 
 def main():

@@ -20,7 +20,6 @@ Two weight formats (`DeepseekV3(cfg, experts, weights_format=...)`):
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from nmoe.serve.ops.moe import moe_align, moe_combine
 from nmoe.serve.ops.moe_gemm import grouped_fp8_gemm_contiguous, silu_mul_quant_fp8
 from nmoe.serve.ops.norm import add_rms_norm, rms_norm
 from nmoe.serve.ops.rope import apply_rope
-from nmoe.serve.ops.router import moe_route
+from nmoe.serve.ops.router import moe_gate_route
 
 WEIGHTS_FORMATS = ("fp32", "fp8")
 
@@ -506,12 +505,6 @@ def combine_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, lo
     return moe_combine(experts.sorted(x, src_rows, offsets), pos, weights, add)
 
 
-@functools.cache
-def _mm_out_dtype_available() -> bool:
-    """torch.mm(..., out_dtype=torch.float32) for BF16 inputs (torch >= 2.8)."""
-    return "dtype" in torch.ops.aten.mm.overloads()
-
-
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, expert_ids: list[int], fp8: bool = False):
         super().__init__()
@@ -525,15 +518,10 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        w = self.gate_weight
-        if x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and _mm_out_dtype_available():
-            # BF16 x BF16 products are exact in fp32: the fp32 logits on tensor cores, fp32 accumulate
-            # (a SIMT fp32 GEMM of 32 x 7168 x 256 took 14 us of a decode layer, this one about 7)
-            logits = torch.mm(x, w.t(), out_dtype=torch.float32)
-        else:
-            logits = F.linear(x.float(), w.float())
-        return moe_route(
-            logits,
+        # x @ gate_weight^T then the router; decode-sized BF16 batches on CUDA in one fused op (ops/router.py)
+        return moe_gate_route(
+            x,
+            self.gate_weight,
             self.gate_bias,
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,

@@ -1,12 +1,13 @@
-// The DeepSeek-V3 router (noaux_tc), one warp per token:
-//   s = sigmoid(logits); choice = s + bias; group score = sum of the group's top-2 choices;
-//   keep the topk_group best groups; top_k experts by choice among them; weights = s of the chosen,
-//   normalized (+1e-20) when asked, times routed_scaling_factor.
+// The DeepSeek-V3 router (noaux_tc), one warp per token (the rule: router/generic/route_warp.cuh).
+// Up to kMaxFastExperts experts the token's scores stay in registers (route_warp); more experts (up
+// to kMaxExperts) take the shared-memory kernel below: scores and choices in shared memory, a scan of
+// all experts per selection.
 // Every selection breaks ties towards the lower index, as the torch reference's stable sort does.
 #include <cstdint>
 
-#include "router/params.h"
 #include "pdl.cuh"
+#include "router/generic/route_warp.cuh"
+#include "router/params.h"
 
 namespace nmoe::router {
 namespace {
@@ -21,10 +22,23 @@ __device__ __forceinline__ void better(float& v, int& i, float ov, int oi) {
 __device__ __forceinline__ void warp_best(float& v, int& i) {
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
+    const float ov = __shfl_xor_sync(kFullMask, v, off);
+    const int oi = __shfl_xor_sync(kFullMask, i, off);
     better(v, i, ov, oi);
   }
+}
+
+// vec: logits rows and bias 16-byte aligned, experts % 8 == 0 (float4 loads).
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_fast_kernel(const MoeRouteParams p, bool vec) {
+  pdl_enter();  // first: see csrc/pdl.cuh
+  __shared__ float scratch[kWarpsPerBlock][kLaneExperts * 32];
+  const int warp = threadIdx.x / 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (t >= p.tokens) return;
+  float logit[kLaneExperts], bias[kLaneExperts];
+  load_lane_experts(p.logits + t * p.logits_stride, p.rule.experts, vec, logit);
+  load_lane_experts(p.bias, p.rule.experts, vec, bias);
+  route_warp(logit, bias, p.rule, scratch[warp], p.weights + t * p.rule.top_k, p.ids + t * p.rule.top_k);
 }
 
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const MoeRouteParams p) {
@@ -33,7 +47,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (t >= p.tokens) return;
-  const int E = p.experts, gsize = E / p.n_group;
+  const RouteRule& r = p.rule;
+  const int E = r.experts, gsize = E / r.n_group;
   float* score = smem + warp * 2 * E;
   float* choice = score + E;
   const float* row = p.logits + t * p.logits_stride;
@@ -47,7 +62,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
 
   // Lane g scores group g by the sum of its two largest choices.
   float gscore = ninf;
-  if (lane < p.n_group) {
+  if (lane < r.n_group) {
     float m1 = ninf, m2 = ninf;
     for (int j = 0; j < gsize; ++j) {
       const float c = choice[lane * gsize + j];
@@ -59,14 +74,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
     gscore = m1 + m2;
   }
   bool group_kept = false;
-  for (int k = 0; k < p.topk_group; ++k) {
-    float v = lane < p.n_group && !group_kept ? gscore : ninf;
-    int i = lane < p.n_group && !group_kept ? lane : 0x7fffffff;
+  for (int k = 0; k < r.topk_group; ++k) {
+    float v = lane < r.n_group && !group_kept ? gscore : ninf;
+    int i = lane < r.n_group && !group_kept ? lane : 0x7fffffff;
     warp_best(v, i);
     if (lane == i) group_kept = true;
   }
   // Experts of dropped groups become -inf (still selectable, lowest index first, as in the reference).
-  const uint32_t kept_groups = __ballot_sync(0xffffffffu, group_kept);
+  const uint32_t kept_groups = __ballot_sync(kFullMask, group_kept);
   for (int e = lane; e < E; e += 32) {
     if (!((kept_groups >> (e / gsize)) & 1u)) choice[e] = ninf;
   }
@@ -74,7 +89,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
 
   float w_mine = 0.f, w_sum = 0.f;
   int id_mine = 0;
-  for (int k = 0; k < p.top_k; ++k) {
+  for (int k = 0; k < r.top_k; ++k) {
     float v = ninf;
     int i = 0x7fffffff;
     for (int e = lane; e < E; e += 32) {
@@ -89,11 +104,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
     if (lane == 0) choice[i] = __int_as_float(0x7fffffff);  // NaN: never selected again
     __syncwarp();
   }
-  if (lane < p.top_k) {
+  if (lane < r.top_k) {
     float w = w_mine;
-    if (p.norm_topk_prob) w = w / (w_sum + 1e-20f);
-    p.weights[t * p.top_k + lane] = w * p.routed_scaling_factor;
-    p.ids[t * p.top_k + lane] = id_mine;
+    if (r.norm_topk_prob) w = w / (w_sum + 1e-20f);
+    p.weights[t * r.top_k + lane] = w * r.routed_scaling_factor;
+    p.ids[t * r.top_k + lane] = id_mine;
   }
 }
 
@@ -103,8 +118,16 @@ const char* moe_route_launch(const MoeRouteParams& p, cudaStream_t stream) {
   if (p.tokens == 0) return nullptr;
   const int64_t blocks = (p.tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 0x7fffffff) return "moe_route: too many tokens for one launch";
-  const size_t smem = static_cast<size_t>(kWarpsPerBlock) * 2 * p.experts * sizeof(float);
-  const cudaError_t launched = launch_pdl(moe_route_kernel, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream, p);
+  const int E = p.rule.experts;
+  cudaError_t launched;
+  if (E <= kMaxFastExperts) {
+    const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    const bool vec = E % kLaneExperts == 0 && p.logits_stride % 4 == 0 && aligned(p.logits) && aligned(p.bias);
+    launched = launch_pdl(moe_route_fast_kernel, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream, p, vec);
+  } else {
+    const size_t smem = static_cast<size_t>(kWarpsPerBlock) * 2 * E * sizeof(float);
+    launched = launch_pdl(moe_route_kernel, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, smem, stream, p);
+  }
   return launched == cudaSuccess ? nullptr : "moe_route: kernel launch failed";
 }
 

@@ -185,7 +185,9 @@ def test_refs_reject_mismatched_shapes_cpu():
 
 
 @cuda
-@pytest.mark.parametrize("m,k", [(1, 7168), (37, 2048), (513, 320), (4096, 7168), (0, 128)])
+@pytest.mark.parametrize(
+    "m,k", [(1, 7168), (37, 2048), (513, 320), (4096, 7168), (0, 128), (9, 136), (300, 1536)]
+)
 def test_quant_fp8_act_cuda(m, k):
     """Bit-exact against the CPU path (torch on CUDA divides by a scalar through its reciprocal)."""
     gen = torch.Generator(device="cuda").manual_seed(m + k)
@@ -236,7 +238,7 @@ def test_quant_fp8_act_rejections():
 
 
 @cuda
-@pytest.mark.parametrize("shape", [(37, 2 * 2048), (4, 9, 2 * 256), (0, 256), (8192, 2 * 2048)])
+@pytest.mark.parametrize("shape", [(37, 2 * 2048), (4, 9, 2 * 256), (0, 256), (8192, 2 * 2048), (9, 2 * 136)])
 def test_silu_mul_quant_fp8_cuda(shape):
     gen = torch.Generator(device="cuda").manual_seed(sum(shape))
     rows = 1

@@ -166,28 +166,55 @@ def test_fp8_format_follows_the_fp32_path():
     assert cos > 0.97, float(cos)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fp8_engine_cuda_matches_cpu():
-    """The FP8 format on CUDA (nmoe._C kernels) against the fp32 CPU engine on the trained tiny model."""
+def _greedy_tiny(device, fmt, max_tokens=12, ckpt="tiny"):
+    """The fixed prompts' greedy outputs of the engine on the trained tiny model (or `ckpt`)."""
     import argparse
 
     from nmoe.serve.benchmarking import add_cli_args, build_engine
     from nmoe.serve.request import SamplingParams
     from nmoe.serve.tiny_prompts import FIXED_PROMPTS
 
-    def run(device, fmt):
-        ap = argparse.ArgumentParser()
-        add_cli_args(ap)
-        engine = build_engine(ap.parse_args(["--device", device, "--ckpt", "tiny", "--weights-format", fmt,
-                                             "--num-pages", "64", "--max-seq-len", "1024"]))
-        assert engine.model.weights_format == fmt
-        for prompt, _ in FIXED_PROMPTS:
-            ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            engine.add_request(ids, SamplingParams(max_tokens=12, temperature=0.0, logprobs=True, ignore_eos=True))
-        while engine.has_work():
-            engine.step()
-        return sorted(engine.pop_finished(), key=lambda o: o.request_id)
+    ap = argparse.ArgumentParser()
+    add_cli_args(ap)
+    engine = build_engine(ap.parse_args(["--device", device, "--ckpt", ckpt, "--weights-format", fmt,
+                                         "--num-pages", "64", "--max-seq-len", "1024"]))
+    assert engine.model.weights_format == fmt
+    for prompt, _ in FIXED_PROMPTS:
+        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        engine.add_request(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=True,
+                                               ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    return sorted(engine.pop_finished(), key=lambda o: o.request_id)
 
+
+def test_fp8_norm_quant_fusion_is_exact_on_cpu(monkeypatch, tmp_path):
+    """Serving under FP8: the norms that quantize their output for the next projection (model.py
+    _add_norm / _norm_project) give bitwise the outputs of quantizing in the projections. Widths
+    of whole 128-blocks, so that qkv_a and gate_up are fused and every such norm quantizes."""
+    from nmoe.serve import model as model_mod
+    from nmoe.serve.ckpt import make_tiny
+
+    make_tiny(str(tmp_path), seed=3, hidden_size=256, q_lora_rank=128, intermediate_size=384,
+              moe_intermediate_size=128)
+    calls = []
+    real = model_mod.add_rms_norm_quant
+    monkeypatch.setattr(model_mod, "add_rms_norm_quant", lambda *a: calls.append(1) or real(*a))
+    fused = _greedy_tiny("cpu", "fp8", max_tokens=4, ckpt=str(tmp_path))
+    assert calls, "the fused norm + quantization was not used"
+    monkeypatch.setattr(model_mod, "add_rms_norm_quant", real)
+    for cls in (model_mod.MLA, model_mod.MLP, model_mod.MoE):
+        monkeypatch.setattr(cls, "takes_fp8", property(lambda self: False))
+    monkeypatch.setattr(model_mod, "_norm_project", lambda norm, proj, x: proj(norm(x)))
+    plain = _greedy_tiny("cpu", "fp8", max_tokens=4, ckpt=str(tmp_path))
+    assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+    assert [o.logprobs for o in fused] == [o.logprobs for o in plain]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_engine_cuda_matches_cpu():
+    """The FP8 format on CUDA (nmoe._C kernels) against the fp32 CPU engine on the trained tiny model."""
+    run = _greedy_tiny
     cpu, gpu = run("cpu", "fp32"), run("cuda", "fp8")
     same = sum(a.token_ids == b.token_ids for a, b in zip(cpu, gpu))
     first = [abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(cpu, gpu)]

@@ -52,6 +52,37 @@ RmsNormParams fill(const char* op, const at::Tensor& x, const at::Tensor& weight
   return p;
 }
 
+// The _quant ops' e4m3 output and its scales (quant_fp8_act's layout), pointed to by p.
+std::tuple<at::Tensor, at::Tensor> quantized_outputs(const char* op, const at::Tensor& x, RmsNormParams& p) {
+  TORCH_CHECK(p.h % 128 == 0, op, ": the hidden size ", std::to_string(p.h),
+              " must be a multiple of 128 (the quantization's channel groups)");
+  auto q = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
+  auto s = at::empty({x.size(0), p.h / 128}, x.options().dtype(at::kFloat));
+  p.q = q.data_ptr();
+  p.s = s.data_ptr<float>();
+  return {q, s};
+}
+
+// add_rms_norm's checks and outputs (out, sum), pointed to by p.
+std::tuple<at::Tensor, at::Tensor> add_outputs(const char* op, const at::Tensor& x, const at::Tensor& residual,
+                                               RmsNormParams& p) {
+  check_rows(op, "residual", residual, x);
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual ", fmt(residual.sizes()), " and x ", fmt(x.sizes()),
+              " must have the same shape");
+  auto out = at::empty(x.sizes(), x.options());
+  auto sum = at::empty(x.sizes(), x.options());
+  p.residual = residual.data_ptr();
+  p.res_stride = residual.stride(0);
+  p.out = out.data_ptr();
+  p.sum = sum.data_ptr();
+  return {out, sum};
+}
+
+void launch(const RmsNormParams& p) {
+  const char* err = rms_norm_launch(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+}
+
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -59,28 +90,41 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty(x.sizes(), x.options());
   p.out = out.data_ptr();
-  const char* err = rms_norm_launch(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == nullptr, err);
+  launch(p);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quant(const at::Tensor& x, const at::Tensor& weight,
+                                                              double eps) {
+  constexpr const char* op = "rms_norm_quant";
+  RmsNormParams p = fill(op, x, weight, eps);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty(x.sizes(), x.options());
+  p.out = out.data_ptr();
+  auto [q, s] = quantized_outputs(op, x, p);
+  launch(p);
+  return {out, q, s};
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                 const at::Tensor& weight, double eps) {
-  constexpr const char* op = "add_rms_norm";
-  RmsNormParams p = fill(op, x, weight, eps);
-  check_rows(op, "residual", residual, x);
-  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual ", fmt(residual.sizes()), " and x ", fmt(x.sizes()),
-              " must have the same shape");
+  RmsNormParams p = fill("add_rms_norm", x, weight, eps);
   c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty(x.sizes(), x.options());
-  auto sum = at::empty(x.sizes(), x.options());
-  p.residual = residual.data_ptr();
-  p.res_stride = residual.stride(0);
-  p.out = out.data_ptr();
-  p.sum = sum.data_ptr();
-  const char* err = rms_norm_launch(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == nullptr, err);
-  return {out, sum};
+  auto outputs = add_outputs("add_rms_norm", x, residual, p);
+  launch(p);
+  return outputs;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quant(const at::Tensor& x,
+                                                                              const at::Tensor& residual,
+                                                                              const at::Tensor& weight, double eps) {
+  constexpr const char* op = "add_rms_norm_quant";
+  RmsNormParams p = fill(op, x, weight, eps);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto [out, sum] = add_outputs(op, x, residual, p);
+  auto [q, s] = quantized_outputs(op, x, p);
+  launch(p);
+  return {out, sum, q, s};
 }
 
 }  // namespace nmoe::norm

@@ -35,7 +35,7 @@ from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_fp8_act
 from nmoe.serve.ops.kv import gather_context, kv_norm_rope_append
 from nmoe.serve.ops.moe import moe_align, moe_combine
 from nmoe.serve.ops.moe_gemm import grouped_fp8_gemm_contiguous, silu_mul_quant_fp8
-from nmoe.serve.ops.norm import add_rms_norm, rms_norm
+from nmoe.serve.ops.norm import add_rms_norm, add_rms_norm_quant, rms_norm, rms_norm_quant
 from nmoe.serve.ops.rope import apply_rope
 from nmoe.serve.ops.router import moe_gate_route
 
@@ -101,6 +101,34 @@ class Linear(nn.Module):
     def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """FP8: `[M, in]` activations already quantized per token per 128 channels -> BF16 `[M, out]`."""
         return fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
+
+
+Quantized = tuple[torch.Tensor, torch.Tensor]  # FP8 activations: e4m3 [T, K] and fp32 scales [T, K / 128]
+
+
+def _norm_project(norm: RMSNorm, proj: Linear, x: torch.Tensor) -> torch.Tensor:
+    """proj(norm(x)); under FP8 with x `[T, K]` the norm's kernel also quantizes its output for proj."""
+    if proj.weight.dtype == FP8 and x.dim() == 2 and x.shape[0] > 0:
+        _, q, s = rms_norm_quant(x, norm.weight, norm.eps)
+        return proj.forward_quantized(q, s)
+    return proj(norm(x))
+
+
+def _add_norm(
+    norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, quantize: bool
+) -> tuple[torch.Tensor, torch.Tensor, Quantized | None]:
+    """(`norm(x + residual)`, `x + residual`, the first's FP8 quantization or None): x itself is the
+    stream without a residual (the embedding); quantized when `quantize` and x is `[T, K]`, T > 0."""
+    quantize = quantize and x.dim() == 2 and x.shape[0] > 0
+    if residual is None:
+        if not quantize:
+            return norm(x), x, None
+        out, q, s = rms_norm_quant(x, norm.weight, norm.eps)
+        return out, x, (q, s)
+    if not quantize:
+        return (*add_rms_norm(x, residual, norm.weight, norm.eps), None)
+    out, summed, q, s = add_rms_norm_quant(x, residual, norm.weight, norm.eps)
+    return out, summed, (q, s)
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -245,18 +273,25 @@ class MLA(nn.Module):
                                         torch.cat([qa.weight_scale_inv.data, kva.weight_scale_inv.data]))
         del self.q_a_proj, self.kv_a_proj_with_mqa
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether `forward` takes x's FP8 quantization too (the fused qkv_a projection's input)."""
+        return self.qkv_a_proj is not None
+
+    def _project(self, x: torch.Tensor, xq: Quantized | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[.., hidden]` -> queries `[.., H, qk_head_dim]` (rope part not yet rotated) and
-        kv_a_proj's output `[.., R + D]` (latent not yet normalized, rope key not yet rotated)."""
+        kv_a_proj's output `[.., R + D]` (latent not yet normalized, rope key not yet rotated).
+        `xq`: x `[T, hidden]` already quantized (`takes_fp8`), so the fused projection reads that."""
         cfg = self.cfg
         if cfg.q_lora_rank is None:
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
             if self.qkv_a_proj is not None:
-                q_a, kv = self.qkv_a_proj(x).split([cfg.q_lora_rank, cfg.kv_cache_dim], dim=-1)
+                qkv_a = self.qkv_a_proj(x) if xq is None else self.qkv_a_proj.forward_quantized(*xq)
+                q_a, kv = qkv_a.split([cfg.q_lora_rank, cfg.kv_cache_dim], dim=-1)
             else:
                 q_a, kv = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
-            q = self.q_b_proj(self.q_a_layernorm(q_a))
+            q = _norm_project(self.q_a_layernorm, self.q_b_proj, q_a)
         return q.view(*x.shape[:-1], self.n_heads, cfg.qk_head_dim), kv
 
     def _expand(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,10 +317,11 @@ class MLA(nn.Module):
         out = torch.einsum("bhst,bthd->bshd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
         return self.o_proj(out.reshape(b, s, -1))
 
-    def forward(self, x: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        """x `[T, hidden]` new tokens of the batch's sequences; writes their latents to the cache first."""
+    def forward(self, x: torch.Tensor, batch: AttnBatch, xq: Quantized | None = None) -> torch.Tensor:
+        """x `[T, hidden]` new tokens of the batch's sequences; writes their latents to the cache first.
+        `xq`: x's FP8 quantization, where the norm before made it (`takes_fp8`)."""
         cache = batch.kv_caches[self.layer]
-        q, kv = self._project(x)
+        q, kv = self._project(x, xq)
         norm = self.kv_a_layernorm
         kv_norm_rope_append(cache, batch.out_loc, kv, norm.weight, norm.eps, batch.cos, batch.sin)
         q_nope, q_pe = self._split_q(q)
@@ -422,14 +458,20 @@ class MLP(nn.Module):
                                      torch.cat([g.weight_scale_inv.data, u.weight_scale_inv.data]))
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether `forward` takes x's FP8 quantization too (the fused gate_up projection's input)."""
+        return self.gate_up is not None
+
+    def forward(self, x: torch.Tensor, xq: Quantized | None = None) -> torch.Tensor:
+        """`xq`: x `[T, hidden]` already quantized (`takes_fp8`), read instead of quantizing x here."""
         if self.gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] == 0:
             return x.new_zeros(shape)
-        h = self.gate_up.forward_quantized(*quant_fp8_act(x2.contiguous()))
+        h = self.gate_up.forward_quantized(*(quant_fp8_act(x2.contiguous()) if xq is None else xq))
         return self.down_proj.forward_quantized(*silu_mul_quant_fp8(h)).view(shape)
 
 
@@ -530,11 +572,16 @@ class MoE(nn.Module):
             routed_scaling_factor=cfg.routed_scaling_factor,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether `forward` takes x's FP8 quantization too (for the shared experts)."""
+        return self.shared_experts is not None and self.shared_experts.takes_fp8
+
+    def forward(self, x: torch.Tensor, xq: Quantized | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.route(x)
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        shared = self.shared_experts(x, xq) if self.shared_experts is not None else None
         if self.transport is None:
             y = self.local_experts(x, weights, ids, add=shared)
         else:
@@ -570,15 +617,12 @@ class Block(nn.Module):
     def forward(self, x, batch: AttnBatch, residual: torch.Tensor | None = None):
         """Serving: `x` is the previous layer's output not yet added to the residual stream
         `residual` (None: x is the embedding, the stream itself); returns this layer's output and
-        the stream before it. Each residual add is fused into the norm that follows it."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
-        a = self.self_attn(h, batch)
-        norm = self.post_attention_layernorm
-        h, residual = add_rms_norm(a, residual, norm.weight, norm.eps)
-        return self.mlp(h), residual
+        the stream before it. Each residual add is fused into the norm that follows it, and so is
+        the quantization of the norm's output where the FP8 projection after it reads that."""
+        h, residual, hq = _add_norm(self.input_layernorm, x, residual, self.self_attn.takes_fp8)
+        a = self.self_attn(h, batch, hq)
+        h, residual, hq = _add_norm(self.post_attention_layernorm, a, residual, self.mlp.takes_fp8)
+        return self.mlp(h, hq), residual
 
 
 class DeepseekV3(nn.Module):

@@ -1,10 +1,11 @@
 """The decode step's fused bookkeeping kernels against their torch references (skipped without CUDA
 or nmoe._C): moe_align, moe_combine, quant_fp8_act's row gather and head view,
-kv_norm_rope_append and mla_decode_q.
+kv_norm_rope_append, mla_decode_q, and the RMSNorms with their output's quantization.
 
 Criteria: integer outputs exact (moe_align up to the order within an expert, which the contract
 leaves free: offsets exact, every slot in its expert's rows, src_rows[pos] the slot's token);
-FP8 bytes and scales exact; rope parts bit-exact; the RMSNorm latent and the fp32 combine within
+FP8 bytes and scales exact (the fused norm + quantization: every output bit-exact with the two
+kernels it replaces); rope parts bit-exact; the RMSNorm latent and the fp32 combine within
 one bf16 rounding (relative 2^-7) of the reference.
 """
 
@@ -74,10 +75,21 @@ def test_quant_rows_and_head_view():
     q, s = quant_fp8_act(x, rows)
     rq, rs = quant_fp8_act_ref(x[rows].cpu())  # on the CPU: torch on CUDA divides through a reciprocal
     assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
+    # ids out of range read zero rows
+    rows[::7], rows[3::7] = -1, 50
+    q, s = quant_fp8_act(x, rows)
+    padded = torch.cat([x.cpu(), torch.zeros(1, 7168, dtype=torch.bfloat16)])
+    rq, rs = quant_fp8_act_ref(padded[torch.where((rows >= 0) & (rows < 50), rows, 50).cpu()])
+    assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
     # attention's per-head output [H, B, v] read as [B, H * v] through a transposed view
     o = (torch.randn(128, 32, 128, generator=gen)).to(torch.bfloat16).cuda()
     q, s = quant_fp8_act(o.transpose(0, 1))
     rq, rs = quant_fp8_act_ref(o.transpose(0, 1).reshape(32, -1).cpu())
+    assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
+    # heads of 384 channels: tiles of 1024 channels straddle them
+    o = (torch.randn(5, 37, 384, generator=gen)).to(torch.bfloat16).cuda()
+    q, s = quant_fp8_act(o.transpose(0, 1))
+    rq, rs = quant_fp8_act_ref(o.transpose(0, 1).reshape(37, -1).cpu())
     assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
 
 
@@ -138,3 +150,35 @@ def test_rms_norm_and_add_rms_norm(rows, h):
     assert torch.equal(s, x + r)  # the sum rounded as torch's bf16 add rounds it
     torch.testing.assert_close(out.float(), ref(x + r).float(), rtol=2**-7, atol=1e-3)
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6).float(), ref(x).float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows,h,row_stride", [(1, 7168, 7168), (32, 7168, 7168), (37, 1536, 2112), (9, 384, 384),
+                                               (0, 7168, 7168)])
+def test_norm_quant_bit_exact_with_two_kernels(rows, h, row_stride):
+    """rms_norm_quant / add_rms_norm_quant against rms_norm / add_rms_norm then quant_fp8_act: h = 384
+    leaves half-warps past the row; the 1536-wide rows are a column slice, as q_a is of qkv_a's output."""
+    ops = _ops("add_rms_norm_quant")
+    gen = torch.Generator().manual_seed(rows + h)
+    x = (torch.randn(rows, row_stride, generator=gen) * 3).to(torch.bfloat16).cuda()[:, :h]
+    r = torch.randn(rows, h, generator=gen).to(torch.bfloat16).cuda()
+    w = (1 + 0.1 * torch.randn(h, generator=gen)).to(torch.bfloat16).cuda()
+
+    def same(a, b):
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    out, q, sc = ops.rms_norm_quant(x, w, 1e-6)
+    ref = ops.rms_norm(x, w, 1e-6)
+    rq, rs = quant_fp8_act(ref)
+    assert torch.equal(out, ref) and same(q, rq) and torch.equal(sc, rs)
+    out, summed, q, sc = ops.add_rms_norm_quant(x, r, w, 1e-6)
+    ref, ref_sum = ops.add_rms_norm(x, r, w, 1e-6)
+    rq, rs = quant_fp8_act(ref)
+    assert torch.equal(out, ref) and torch.equal(summed, ref_sum) and same(q, rq) and torch.equal(sc, rs)
+    assert q.shape == (rows, h) and sc.shape == (rows, h // 128)
+
+
+def test_norm_quant_rejects_partial_groups():
+    ops = _ops("rms_norm_quant")
+    x = torch.randn(4, 320, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        ops.rms_norm_quant(x, torch.ones(320, device="cuda", dtype=torch.bfloat16), 1e-6)

@@ -3,10 +3,17 @@
 // with the sum). Replaces the residual add and torch's norm kernel (about 7 us for a 32 x 7168
 // decode batch: latency, not bandwidth) with one launch. The sum is rounded to bf16 before the norm
 // reads it, as the unfused `x = x + r; rms_norm(x)` does.
+//
+// With `q` set the kernel also quantizes its bf16 output for the FP8 projection that reads it
+// (quant_fp8_act's format and bits: the 16 threads holding a 128-channel group are 16 consecutive
+// lanes of one warp, the layout of fp8/generic/group_quant.cuh), saving that projection's
+// quantization kernel: a launch and a read of the row.
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "fp8/generic/group_quant.cuh"
+#include "fp8/params.h"
 #include "norm/params.h"
 #include "pdl.cuh"
 
@@ -75,16 +82,26 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormParams 
   for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];  // the same order in every thread
   const float scale = rsqrtf(total / static_cast<float>(p.h) + p.eps);
   const auto* w = static_cast<const __nv_bfloat16*>(p.weight);
+  const int warp_first = tid & ~31;
 #pragma unroll
   for (int u = 0; u < kMaxVec; ++u) {
     const int v = tid + u * kThreads;
-    if (v >= vecs) break;
+    // Whole warps leave (the quantization's shuffles need all 32 lanes); h % 128 == 0 under
+    // quantization, so each half-warp's group is wholly inside the row or wholly past it.
+    if (warp_first + u * kThreads >= vecs) break;
+    const bool inside = v < vecs;
     float a[8], g[8];
     unpack(raw[u], a);
-    unpack(*reinterpret_cast<const uint4*>(w + 8 * v), g);
+    unpack(inside ? *reinterpret_cast<const uint4*>(w + 8 * v) : make_uint4(0, 0, 0, 0), g);
 #pragma unroll
     for (int i = 0; i < 8; ++i) a[i] = a[i] * scale * g[i];
-    *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + row * p.h + 8 * v) = pack(a);
+    const uint4 out = pack(a);
+    if (inside) *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + row * p.h + 8 * v) = out;
+    if (p.q != nullptr) {
+      unpack(out, a);  // the bf16 output is what the unfused quantization would read
+      const float s = fp8::quant_group_store(a, static_cast<uint8_t*>(p.q) + row * p.h + 8 * v, inside);
+      if (inside && v % fp8::kLanesPerGroup == 0) p.s[row * (p.h / fp8::kBlock) + v / fp8::kLanesPerGroup] = s;
+    }
   }
 }
 

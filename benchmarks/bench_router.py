@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _roofline import graph_time_us, hbm_bandwidth  # noqa: E402
 
-from nmoe.serve.ops.router import gate_logits, moe_route, moe_route_ref  # noqa: E402
+from nmoe.serve.ops.router import _route_args, gate_logits, moe_route, moe_route_ref  # noqa: E402
 
 ROUTE = dict(n_group=8, topk_group=4, top_k=8, norm_topk_prob=True, routed_scaling_factor=2.5)
 
@@ -37,10 +37,7 @@ def reference(x, w, bias):
 
 
 def fused(x, w, bias):
-    r = ROUTE
-    return torch.ops.nmoe.moe_gate_route(
-        x, w, bias, r["n_group"], r["topk_group"], r["top_k"], r["norm_topk_prob"], r["routed_scaling_factor"]
-    )
+    return torch.ops.nmoe.moe_gate_route(x, w, bias, *_route_args(ROUTE))
 
 
 def main():

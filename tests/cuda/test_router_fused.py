@@ -40,30 +40,11 @@ def _kw(cfg):
 
 
 def _route(ops, logits, bias, cfg):
-    kw = _kw(cfg)
-    return ops.moe_route(
-        logits,
-        bias,
-        kw["n_group"],
-        kw["topk_group"],
-        kw["top_k"],
-        kw["norm_topk_prob"],
-        kw["routed_scaling_factor"],
-    )
+    return ops.moe_route(logits, bias, *cfg[1:])
 
 
 def _gate_route(ops, x, w, bias, cfg):
-    kw = _kw(cfg)
-    return ops.moe_gate_route(
-        x,
-        w,
-        bias,
-        kw["n_group"],
-        kw["topk_group"],
-        kw["top_k"],
-        kw["norm_topk_prob"],
-        kw["routed_scaling_factor"],
-    )
+    return ops.moe_gate_route(x, w, bias, *cfg[1:])
 
 
 def _logits(t, e, ties, seed):

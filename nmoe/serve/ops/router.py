@@ -52,18 +52,14 @@ def moe_route_ref(
     return weights * routed_scaling_factor, ids
 
 
+def _route_args(kw: dict) -> tuple:
+    """moe_route_ref's keywords in the order of the CUDA ops' trailing arguments."""
+    return (kw["n_group"], kw["topk_group"], kw["top_k"], kw["norm_topk_prob"], float(kw["routed_scaling_factor"]))
+
+
 def moe_route(logits, bias, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     if use_cuda(logits, bias):
-        w, ids = torch.ops.nmoe.moe_route(
-            logits.float().contiguous(),
-            bias.float().contiguous(),
-            kw["n_group"],
-            kw["topk_group"],
-            kw["top_k"],
-            kw["norm_topk_prob"],
-            float(kw["routed_scaling_factor"]),
-        )
-        return w, ids
+        return torch.ops.nmoe.moe_route(logits.float().contiguous(), bias.float().contiguous(), *_route_args(kw))
     return moe_route_ref(logits, bias, **kw)
 
 
@@ -113,14 +109,5 @@ def moe_gate_route(x, gate_weight, bias, **kw) -> tuple[torch.Tensor, torch.Tens
     """
     fused = x.dim() == 2 and x.shape[0] <= FUSED_PREFERRED_TOKENS and _fused_gate_applies(x, gate_weight, bias)
     if use_cuda(x, gate_weight, bias) and fused:
-        return torch.ops.nmoe.moe_gate_route(
-            x,
-            gate_weight,
-            bias,
-            kw["n_group"],
-            kw["topk_group"],
-            kw["top_k"],
-            kw["norm_topk_prob"],
-            float(kw["routed_scaling_factor"]),
-        )
+        return torch.ops.nmoe.moe_gate_route(x, gate_weight, bias, *_route_args(kw))
     return moe_route(gate_logits(x, gate_weight), bias, **kw)

@@ -214,8 +214,7 @@ def test_fp8_norm_quant_fusion_is_exact_on_cpu(monkeypatch, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp8_engine_cuda_matches_cpu():
     """The FP8 format on CUDA (nmoe._C kernels) against the fp32 CPU engine on the trained tiny model."""
-    run = _greedy_tiny
-    cpu, gpu = run("cpu", "fp32"), run("cuda", "fp8")
+    cpu, gpu = _greedy_tiny("cpu", "fp32"), _greedy_tiny("cuda", "fp8")
     same = sum(a.token_ids == b.token_ids for a, b in zip(cpu, gpu))
     first = [abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(cpu, gpu)]
     print(f"fp8 CUDA vs fp32 CPU: identical greedy sequences {same}/{len(cpu)}, max |first logprob diff| {max(first):.3e}")

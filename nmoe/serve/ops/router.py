@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from nmoe.serve.ops._ext import use_cuda
 
-# The fused gate + router's limits (csrc/router/params.h: kMaxFusedTokens, kMaxFusedExperts, kGateChunk).
-FUSED_MAX_TOKENS = 128
+# The fused gate + router's limits (csrc/router/params.h: kMaxFusedExperts, kGateChunk; it takes up to
+# kMaxFusedTokens = 128 tokens).
 FUSED_MAX_EXPERTS = 256
 _FUSED_HIDDEN_MULTIPLE = 32
 # Where the fused op is taken: up to 32 tokens it is as fast as or faster than cuBLAS + moe_route (9.5
@@ -79,7 +79,8 @@ def gate_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_gate_applies(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether torch.ops.nmoe.moe_gate_route takes these tensors (its interface checks the same)."""
+    """Whether moe_gate_route takes the fused op: a batch of at most FUSED_PREFERRED_TOKENS that
+    torch.ops.nmoe.moe_gate_route accepts (its interface checks the same)."""
     if x.dim() != 2 or gate_weight.dim() != 2:
         return False
     t, hidden = x.shape
@@ -87,7 +88,7 @@ def _fused_gate_applies(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.
         x.dtype == gate_weight.dtype == torch.bfloat16
         and bias.dtype == torch.float32
         and bias.is_contiguous()
-        and t <= FUSED_MAX_TOKENS
+        and t <= FUSED_PREFERRED_TOKENS
         and gate_weight.shape[0] <= FUSED_MAX_EXPERTS
         and hidden % _FUSED_HIDDEN_MULTIPLE == 0
         and hidden > 0
@@ -107,7 +108,6 @@ def moe_gate_route(x, gate_weight, bias, **kw) -> tuple[torch.Tensor, torch.Tens
     fused op (the gate GEMM in K slices, then the slices' fixed-order sum and the route: two kernels,
     a row's result independent of the rest of the batch); others gate_logits + moe_route.
     """
-    fused = x.dim() == 2 and x.shape[0] <= FUSED_PREFERRED_TOKENS and _fused_gate_applies(x, gate_weight, bias)
-    if use_cuda(x, gate_weight, bias) and fused:
+    if use_cuda(x, gate_weight, bias) and _fused_gate_applies(x, gate_weight, bias):
         return torch.ops.nmoe.moe_gate_route(x, gate_weight, bias, *_route_args(kw))
     return moe_route(gate_logits(x, gate_weight), bias, **kw)

@@ -211,6 +211,59 @@ def test_fp8_norm_quant_fusion_is_exact_on_cpu(monkeypatch, tmp_path):
     assert [o.logprobs for o in fused] == [o.logprobs for o in plain]
 
 
+def test_side_stream_tasks_parse_and_reject_unknown(monkeypatch):
+    """NMOE_SIDE_STREAM: a comma list, "none"/"0" empty; an unknown task name is an error naming it."""
+    import dataclasses
+
+    from nmoe.serve import side_stream
+    from nmoe.serve.env import Env
+
+    for value, want in (("", ("shared",)), ("none", ()), ("0", ()), (" shared , x ", ("shared", "x"))):
+        monkeypatch.setenv("NMOE_SIDE_STREAM", value)
+        assert Env.read().side_stream == want, value
+    monkeypatch.setattr(side_stream, "ENV", dataclasses.replace(side_stream.ENV, side_stream=()))
+    assert not side_stream.side_task_on("shared")
+    monkeypatch.setattr(side_stream, "ENV", dataclasses.replace(side_stream.ENV, side_stream=("shared",)))
+    assert side_stream.side_task_on("shared")
+    # off the GPU a task runs inline and its value is returned as is
+    assert side_stream.beside("shared", torch.device("cpu"), lambda a: a + 1, 1) == 2
+    with pytest.raises(ValueError, match="'kv'"):
+        side_stream.side_task_on("kv")
+    monkeypatch.setattr(side_stream, "ENV", dataclasses.replace(side_stream.ENV, side_stream=("sharde",)))
+    with pytest.raises(ValueError, match="'sharde'"):
+        side_stream.side_task_on("shared")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_side_stream_is_bitwise_the_single_stream(monkeypatch, tmp_path):
+    """FP8 engine on CUDA (decode CUDA graphs, piecewise prefill graphs) with the shared experts on
+    the side stream: the same tokens and logprobs, bitwise, as on one stream."""
+    import dataclasses
+
+    from nmoe.serve import side_stream
+    from nmoe.serve.ckpt import make_tiny
+
+    make_tiny(str(tmp_path), seed=3, hidden_size=256, q_lora_rank=128, intermediate_size=384,
+              moe_intermediate_size=128)
+    forks = []
+
+    class Counted(side_stream.Deferred):
+        def __init__(self, *a):
+            forks.append(1)
+            super().__init__(*a)
+
+    monkeypatch.setattr(side_stream, "Deferred", Counted)
+    runs = {}
+    for tasks in (("shared",), ()):
+        monkeypatch.setattr(side_stream, "ENV", dataclasses.replace(side_stream.ENV, side_stream=tasks))
+        before = len(forks)
+        runs[tasks] = _greedy_tiny("cuda", "fp8", max_tokens=8, ckpt=str(tmp_path))
+        assert (len(forks) > before) == bool(tasks), (tasks, len(forks) - before)
+    on, off = runs[("shared",)], runs[()]
+    assert [o.token_ids for o in on] == [o.token_ids for o in off]
+    assert [o.logprobs for o in on] == [o.logprobs for o in off]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp8_engine_cuda_matches_cpu():
     """The FP8 format on CUDA (nmoe._C kernels) against the fp32 CPU engine on the trained tiny model."""

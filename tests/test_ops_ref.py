@@ -213,6 +213,12 @@ def test_moe_align_and_combine_ref_match_per_slot_python():
     for i in range(t):
         want = add[i] + sum(w[i, j] * ys[pos[i, j]] for j in range(k))
         torch.testing.assert_close(y[i], want, rtol=1e-6, atol=1e-6)
+    # global ids through an expert map: the same sort as of the mapped ids
+    expert_map = torch.randint(0, experts, (4 * experts,), generator=g)
+    gids = torch.randint(0, 4 * experts, (t, k), generator=g)
+    mapped = moe_align_ref(gids, experts, expert_map)
+    for a, b in zip(mapped, moe_align_ref(expert_map[gids], experts)):
+        assert torch.equal(a, b)
 
 
 def test_quant_fp8_act_rows_and_head_view_on_cpu():

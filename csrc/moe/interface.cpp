@@ -44,10 +44,16 @@ void check_launch(const char* err) { TORCH_CHECK(err == nullptr, err); }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& ids, int64_t experts) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& ids, int64_t experts,
+                                                          const std::optional<at::Tensor>& expert_map) {
   constexpr const char* op = "moe_align";
   check(op, "ids", ids, at::kLong, 2, ids);
   check_contiguous(op, "ids", ids);
+  if (expert_map.has_value()) {
+    check(op, "expert_map", *expert_map, at::kLong, 1, ids);
+    check_contiguous(op, "expert_map", *expert_map);
+    TORCH_CHECK(expert_map->numel() >= 1, op, ": expert_map must not be empty");
+  }
   TORCH_CHECK(experts >= 1 && experts <= kMaxLocalExperts, op, ": experts = ", fmt(experts), " must be in [1, ",
               fmt(kMaxLocalExperts), "]");
   TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= 1024, op, ": k = ", fmt(ids.size(1)), " must be in [1, 1024]");
@@ -58,6 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& ids, 
   auto offsets = at::empty({experts + 1}, ids.options().dtype(at::kInt));
   AlignParams p{};
   p.ids = ids.data_ptr<int64_t>();
+  if (expert_map.has_value()) {
+    p.expert_map = expert_map->data_ptr<int64_t>();
+    p.map_len = expert_map->numel();
+  }
   p.src_rows = src_rows.data_ptr<int64_t>();
   p.pos = pos.data_ptr<int64_t>();
   p.offsets = offsets.data_ptr<int32_t>();

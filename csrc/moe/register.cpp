@@ -4,7 +4,7 @@
 #include "moe/interface.h"
 
 TORCH_LIBRARY_FRAGMENT(nmoe, m) {
-  m.def("moe_align(Tensor ids, int experts) -> (Tensor, Tensor, Tensor)");
+  m.def("moe_align(Tensor ids, int experts, Tensor? expert_map=None) -> (Tensor, Tensor, Tensor)");
   m.def("moe_combine(Tensor ys, Tensor pos, Tensor weights, Tensor? add=None) -> Tensor");
 }
 

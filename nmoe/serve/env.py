@@ -31,6 +31,12 @@ def _str(name: str, default: str) -> str:
     return default if v is None or v == "" else v
 
 
+def _names(name: str, default: str) -> tuple[str, ...]:
+    """A comma-separated list; "none" or "0" is the empty one."""
+    v = _str(name, default).strip()
+    return () if v in ("none", "0") else tuple(n.strip() for n in v.split(",") if n.strip())
+
+
 @dataclass(frozen=True)
 class Env:
     model_path: str  # NMOE_MODEL_PATH: model for the torchrun modules ("tiny" = the embedded model)
@@ -47,6 +53,7 @@ class Env:
     device: str  # NMOE_DEVICE: the torchrun modules' device ("" = cuda when available, else cpu)
     api_key: str  # NMOE_API_KEY
     cache_dir: str  # NMOE_CACHE_DIR
+    side_stream: tuple[str, ...]  # NMOE_SIDE_STREAM: the tasks run on a second CUDA stream (side_stream.py)
 
     @classmethod
     def read(cls) -> Env:
@@ -65,6 +72,7 @@ class Env:
             device=_str("NMOE_DEVICE", ""),
             api_key=_str("NMOE_API_KEY", ""),
             cache_dir=_str("NMOE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "nmoe")),
+            side_stream=_names("NMOE_SIDE_STREAM", "shared"),
         )
 
 

@@ -38,6 +38,7 @@ from nmoe.serve.ops.moe_gemm import grouped_fp8_gemm_contiguous, silu_mul_quant_
 from nmoe.serve.ops.norm import add_rms_norm, add_rms_norm_quant, rms_norm, rms_norm_quant
 from nmoe.serve.ops.rope import apply_rope
 from nmoe.serve.ops.router import moe_gate_route
+from nmoe.serve.side_stream import beside, resolved
 
 WEIGHTS_FORMATS = ("fp32", "fp8")
 
@@ -537,14 +538,17 @@ class Experts(nn.Module):
 
 
 def combine_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
-                    add: torch.Tensor | None = None) -> torch.Tensor:
+                    add: torch.Tensor | None = None, expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """y[t] = sum_j w[t,j] * expert_{local_ids[t,j]}(x[t]) (+ add[t]), summed over j in order in fp32
-    (the identity for fp32 activations), returned in x's dtype. The (token, k) slots are sorted by
+    (the identity for fp32 activations), returned in x's dtype. `add` may be a side stream's
+    `Deferred`: it is waited for only at the combine. `expert_map`: `local_ids` are ids mapped to
+    local experts by it, inside the sort (`moe_align`). The (token, k) slots are sorted by
     expert (`moe_align`), run as grouped GEMMs, and combined back (`moe_combine`)."""
     if x.shape[0] == 0:
-        return x.new_zeros(x.shape) if add is None else add.clone()
-    src_rows, pos, offsets = moe_align(local_ids, len(experts.expert_ids))
-    return moe_combine(experts.sorted(x, src_rows, offsets), pos, weights, add)
+        return x.new_zeros(x.shape) if add is None else resolved(add).clone()
+    src_rows, pos, offsets = moe_align(local_ids, len(experts.expert_ids), expert_map)
+    ys = experts.sorted(x, src_rows, offsets)
+    return moe_combine(ys, pos, weights, resolved(add))
 
 
 class MoE(nn.Module):
@@ -580,8 +584,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, xq: Quantized | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        shared = None
+        if self.shared_experts is not None:  # waited for where the combine adds it
+            shared = beside("shared", x.device, self.shared_experts, x, xq)
         weights, ids = self.route(x)
-        shared = self.shared_experts(x, xq) if self.shared_experts is not None else None
         if self.transport is None:
             y = self.local_experts(x, weights, ids, add=shared)
         else:

@@ -36,11 +36,21 @@ def _ids(t, k, experts, gen, skew=False):
 @pytest.mark.parametrize("t,k,experts", [(1, 8, 32), (7, 8, 32), (32, 8, 32), (256, 8, 256), (33, 1, 5),
                                          (4096, 8, 32), (16384, 8, 32)])
 @pytest.mark.parametrize("skew", [False, True])
-def test_moe_align(t, k, experts, skew):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_moe_align(t, k, experts, skew, mapped):
+    """`mapped`: the ids are global over 8x the experts and an expert map (the loopback's, a
+    many-to-one table) gives each its local expert inside the kernel."""
     ops = _ops("moe_align")
     gen = torch.Generator().manual_seed(t * 31 + k)
-    ids = _ids(t, k, experts, gen, skew)
-    src_rows, pos, offsets = ops.moe_align(ids, experts)
+    expert_map = None
+    if mapped:
+        expert_map = torch.randint(0, experts, (8 * experts,), generator=gen).cuda()
+        ids = _ids(t, k, 8 * experts, gen, skew)
+        src_rows, pos, offsets = ops.moe_align(ids, experts, expert_map)
+        ids = expert_map[ids]  # what the checks below compare against
+    else:
+        ids = _ids(t, k, experts, gen, skew)
+        src_rows, pos, offsets = ops.moe_align(ids, experts)
     _, ref_pos, ref_offsets = moe_align_ref(ids, experts)
     assert torch.equal(offsets, ref_offsets)
     pos = pos.view(t, k)
@@ -182,3 +192,4 @@ def test_norm_quant_rejects_partial_groups():
     x = torch.randn(4, 320, device="cuda").to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="multiple of 128"):
         ops.rms_norm_quant(x, torch.ones(320, device="cuda", dtype=torch.bfloat16), 1e-6)
+

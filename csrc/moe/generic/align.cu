@@ -18,7 +18,10 @@ constexpr int kThreads = 1024;
 static_assert(kMaxLocalExperts <= kThreads, "one expert per thread in the scan");
 
 __device__ __forceinline__ int expert_of(const AlignParams& p, int64_t s) {
-  const int64_t e = p.ids[s];
+  int64_t e = p.ids[s];
+  if (p.expert_map != nullptr) {
+    e = __ldg(p.expert_map + (static_cast<uint64_t>(e) < static_cast<uint64_t>(p.map_len) ? e : 0));
+  }
   return static_cast<int>(e < 0 ? 0 : (e >= p.experts ? p.experts - 1 : e));
 }
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nmoe.serve.ep.transport import Dispatched, GroupComm, Transport, run_experts
+from nmoe.serve.side_stream import resolved
 
 
 def import_deep_ep():
@@ -107,7 +108,7 @@ class DeepEPTransport(Transport):
         self.calls += 1
         if failure is not None:
             raise failure
-        return y if add is None else y + add
+        return y if add is None else y + resolved(add)
 
     @staticmethod
     def _local_sum(experts, recv: torch.Tensor, recv_ids: torch.Tensor, recv_w: torch.Tensor) -> torch.Tensor:

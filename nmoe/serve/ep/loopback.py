@@ -61,12 +61,17 @@ class LoopbackTransport(Transport):
             add: torch.Tensor | None = None) -> torch.Tensor:
         from nmoe.serve.model import combine_experts
 
-        out = combine_experts(experts, x, weights, self.local_ids(ids), add)
+        out = combine_experts(experts, x, weights, ids, add, expert_map=self.local_map(ids.device))
         self.calls += 1
         return out
 
+    def local_map(self, device: torch.device) -> torch.Tensor:
+        """Global expert id -> the local expert that computes its slots here, `[E]` int64 on `device`
+        (applied inside `moe_align`'s sort: no gather kernel of its own)."""
+        if device not in self._local_on:
+            self._local_on[device] = self.local.to(device)
+        return self._local_on[device]
+
     def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Global expert ids `[T, k]` -> the local expert `[T, k]` that computes each slot here."""
-        if ids.device not in self._local_on:
-            self._local_on[ids.device] = self.local.to(ids.device)
-        return self._local_on[ids.device][ids]
+        return self.local_map(ids.device)[ids]

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from nmoe.serve.dist import RankInfo
 from nmoe.serve.ops.moe import inverse_permutation, moe_combine
+from nmoe.serve.side_stream import resolved
 
 LOW_LATENCY_MODES = ("0", "1", "auto")
 
@@ -147,7 +148,8 @@ class Transport:
     def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts,
             add: torch.Tensor | None = None) -> torch.Tensor:
         """x `[T, H]`, weights `[T, k]` fp32, ids `[T, k]` global expert ids -> routed output `[T, H]`
-        (plus `add [T, H]`, summed in the same fp32 pass: the shared experts' output).
+        (plus `add [T, H]`, summed in the same fp32 pass: the shared experts' output, possibly a
+        side stream's `Deferred`, waited for only there).
 
         Every exchange is entered even when a local part fails; the failure is raised afterwards."""
         failure = None
@@ -271,7 +273,7 @@ class Transport:
                 add: torch.Tensor | None = None) -> torch.Tensor:
         """y[t] = sum_k weights[t, k] * out(t, k) (+ add[t]): the combine of `MoE.local_experts`."""
         pos = inverse_permutation(plan.order)  # back's row of each slot
-        return moe_combine(back, pos.view(weights.shape), weights, add)
+        return moe_combine(back, pos.view(weights.shape), weights, resolved(add))
 
     # --- forward bookkeeping (lockstep) ------------------------------------------------------------
 

@@ -25,10 +25,14 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def moe_align_ref(local_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align_ref(local_ids: torch.Tensor, experts: int,
+                  expert_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """local_ids `[T, k]` in [0, experts) -> (src_rows `[T * k]` int64, pos `[T, k]` int64, offsets
     `[experts + 1]` int32). Rows are in slot order within an expert (the kernel's order within an
-    expert may differ: a row's result does not depend on its place)."""
+    expert may differ: a row's result does not depend on its place). With `expert_map` `[n]` the
+    ids are global, in [0, n), and slot s goes to local expert `expert_map[local_ids[s]]`."""
+    if expert_map is not None:
+        local_ids = expert_map[local_ids]
     t, k = local_ids.shape
     flat = local_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -38,11 +42,12 @@ def moe_align_ref(local_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, 
     return order // k, pos.view(t, k), offsets
 
 
-def moe_align(local_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align(local_ids: torch.Tensor, experts: int,
+              expert_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_cuda(local_ids) and local_ids.dtype == torch.long and experts <= 1024 and local_ids.shape[1] <= 1024:
-        src_rows, pos, offsets = torch.ops.nmoe.moe_align(local_ids.contiguous(), experts)
+        src_rows, pos, offsets = torch.ops.nmoe.moe_align(local_ids.contiguous(), experts, expert_map)
         return src_rows, pos.view(local_ids.shape), offsets
-    return moe_align_ref(local_ids, experts)
+    return moe_align_ref(local_ids, experts, expert_map)
 
 
 def moe_combine_ref(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor,

@@ -186,4 +186,106 @@ at::Tensor mla_decode_q(const at::Tensor& q_lat, const at::Tensor& q_pe, const a
   return out;
 }
 
+namespace {
+
+std::string dims(at::IntArrayRef a) {
+  std::string out = "[";
+  for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
+  return out + "]";
+}
+
+// A bf16 [., ., .] operand of the absorbed projections on `ref`'s device: unit last stride, the
+// other strides whole 16-byte vectors, a 16-byte aligned start.
+void check_absorb_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ", ref.device().str(),
+              ", got ", t.device().str());
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 3, op, ": ", name,
+              " must be a bfloat16 tensor of 3 dims, got ", c10::toString(t.scalar_type()), " ", dims(t.sizes()));
+  TORCH_CHECK(t.numel() == 0 || (t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                                 reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0),
+              op, ": ", name, " needs unit last stride and 16-byte rows, got strides ", dims(t.strides()));
+}
+
+}  // namespace
+
+at::Tensor mla_absorb_q(const at::Tensor& q_nope, const at::Tensor& w_uk, const at::Tensor& q_pe, const at::Tensor& cos,
+                        const at::Tensor& sin) {
+  constexpr const char* op = "mla_absorb_q";
+  check_absorb_operand(op, "q_nope", q_nope, q_nope);
+  check_absorb_operand(op, "w_uk", w_uk, q_nope);
+  TORCH_CHECK(q_pe.is_cuda() && q_pe.device() == q_nope.device() && q_pe.scalar_type() == at::kBFloat16 &&
+                  q_pe.dim() == 3 && (q_pe.numel() == 0 || q_pe.stride(2) == 1),
+              op, ": q_pe must be a bfloat16 [B, H, D] tensor on q_nope's device with unit last stride, got ",
+              dims(q_pe.sizes()), " strides ", dims(q_pe.strides()));
+  const int64_t batch = q_nope.size(0), heads = q_nope.size(1), rank = w_uk.size(2), rope = q_pe.size(2);
+  TORCH_CHECK(q_nope.size(2) == kAbsorbNope, op, ": q_nope must be [B, H, ", kAbsorbNope, "], got ",
+              dims(q_nope.sizes()));
+  TORCH_CHECK(w_uk.size(0) == heads && w_uk.size(1) == kAbsorbNope && rank % 128 == 0 && rank > 0, op,
+              ": w_uk must be [", heads, ", ", kAbsorbNope, ", R] with R a multiple of 128, got ", dims(w_uk.sizes()));
+  TORCH_CHECK(q_pe.size(0) == batch && q_pe.size(1) == heads && rope % 2 == 0, op, ": q_pe must be [", batch, ", ",
+              heads, ", D] with D even, got ", dims(q_pe.sizes()));
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
+    TORCH_CHECK(t.is_cuda() && t.device() == q_nope.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.dim() == 2 && t.size(0) == batch && t.size(1) == rope / 2,
+                op, ": ", name, " must be a contiguous float32 [", batch, ", ", rope / 2,
+                "] tensor on q_nope's device, got ", dims(t.sizes()));
+  }
+  c10::cuda::CUDAGuard guard(q_nope.device());
+  auto out = at::empty({batch, heads, rank + rope}, q_nope.options());
+  MlaAbsorbQParams p{};
+  p.q_nope = q_nope.data_ptr();
+  p.w = w_uk.data_ptr();
+  p.q_pe = q_pe.data_ptr();
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.batch = batch;
+  p.heads = heads;
+  p.q_batch_stride = q_nope.stride(0);
+  p.q_head_stride = q_nope.stride(1);
+  p.w_head_stride = w_uk.stride(0);
+  p.w_row_stride = w_uk.stride(1);
+  p.pe_batch_stride = q_pe.stride(0);
+  p.pe_head_stride = q_pe.stride(1);
+  p.rank = static_cast<int>(rank);
+  p.rope = static_cast<int>(rope);
+  const char* err = mla_absorb_q_launch(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_absorb_out(const at::Tensor& o_lat, const at::Tensor& w_uv, bool quantize) {
+  constexpr const char* op = "mla_absorb_out";
+  check_absorb_operand(op, "o_lat", o_lat, o_lat);
+  check_absorb_operand(op, "w_uv", w_uv, o_lat);
+  const int64_t batch = o_lat.size(0), heads = o_lat.size(1);
+  TORCH_CHECK(o_lat.size(2) == kAbsorbRank, op, ": o_lat must be [B, H, ", kAbsorbRank, "], got ", dims(o_lat.sizes()));
+  TORCH_CHECK(w_uv.size(0) == heads && w_uv.size(1) == kAbsorbV && w_uv.size(2) == kAbsorbRank, op, ": w_uv must be [",
+              heads, ", ", kAbsorbV, ", ", kAbsorbRank, "], got ", dims(w_uv.sizes()));
+  c10::cuda::CUDAGuard guard(o_lat.device());
+  MlaAbsorbOutParams p{};
+  at::Tensor first, second;
+  if (quantize) {
+    first = at::empty({batch, heads * kAbsorbV}, o_lat.options().dtype(at::kFloat8_e4m3fn));
+    second = at::empty({batch, heads}, o_lat.options().dtype(at::kFloat));
+    p.q = first.data_ptr();
+    p.s = second.data_ptr<float>();
+  } else {
+    first = at::empty({batch, heads, kAbsorbV}, o_lat.options());
+    second = at::empty({0}, o_lat.options().dtype(at::kFloat));
+    p.out = first.data_ptr();
+  }
+  p.o_lat = o_lat.data_ptr();
+  p.w = w_uv.data_ptr();
+  p.batch = batch;
+  p.heads = heads;
+  p.o_batch_stride = o_lat.stride(0);
+  p.o_head_stride = o_lat.stride(1);
+  p.w_head_stride = w_uv.stride(0);
+  p.w_row_stride = w_uv.stride(1);
+  const char* err = mla_absorb_out_launch(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return {first, second};
+}
+
 }  // namespace nmoe::attention

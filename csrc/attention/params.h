@@ -87,4 +87,54 @@ struct MlaDecodeQParams {
 
 const char* mla_decode_q_launch(const MlaDecodeQParams& p, cudaStream_t stream);
 
+// The absorbed projections around the decode attention (generic/mla_absorb.cu), DeepSeek-V3's
+// widths: nope = v = 128 per head, latent R = 512 for the output side (a multiple of 128 for the
+// query side). Element strides, unit last; outputs contiguous.
+constexpr int kAbsorbNope = 128;
+constexpr int kAbsorbV = 128;
+constexpr int kAbsorbRank = 512;
+
+// q_nope bf16 [batch, heads, 128], w (W_UK) bf16 [heads, 128, rank], q_pe bf16 [batch, heads, rope],
+// cos / sin fp32 [batch, rope / 2] (contiguous) -> out bf16 [batch, heads, rank + rope]:
+// out[b, h, :rank] = q_nope[b, h] @ w[h] (fp32 accumulate), out[b, h, rank:] = q_pe[b, h] rotated
+// in pairs as mla_decode_q rotates it.
+struct MlaAbsorbQParams {
+  const void* q_nope;
+  const void* w;
+  const void* q_pe;
+  const float* cos;
+  const float* sin;
+  void* out;
+  int64_t batch;
+  int64_t heads;
+  int64_t q_batch_stride;
+  int64_t q_head_stride;
+  int64_t w_head_stride;
+  int64_t w_row_stride;
+  int64_t pe_batch_stride;
+  int64_t pe_head_stride;
+  int rank;
+  int rope;
+};
+
+// o_lat bf16 [batch, heads, 512], w (W_UV) bf16 [heads, 128, 512] -> out bf16 [batch, heads, 128]
+// = o_lat[b, h] @ w[h]^T (fp32 accumulate), or with q set q e4m3 [batch, heads * 128] and s fp32
+// [batch, heads]: quant_fp8_act of that output (each head's 128 channels one scale group).
+struct MlaAbsorbOutParams {
+  const void* o_lat;
+  const void* w;
+  void* out;
+  void* q;
+  float* s;
+  int64_t batch;
+  int64_t heads;
+  int64_t o_batch_stride;
+  int64_t o_head_stride;
+  int64_t w_head_stride;
+  int64_t w_row_stride;
+};
+
+const char* mla_absorb_q_launch(const MlaAbsorbQParams& p, cudaStream_t stream);
+const char* mla_absorb_out_launch(const MlaAbsorbOutParams& p, cudaStream_t stream);
+
 }  // namespace nmoe::attention

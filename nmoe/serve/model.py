@@ -30,7 +30,7 @@ from torch import nn
 
 from nmoe.serve.config import ModelConfig
 from nmoe.serve.host_copy import to_device
-from nmoe.serve.ops.attention import mla_decode_paged, mla_decode_q
+from nmoe.serve.ops.attention import mla_absorb_out, mla_absorb_q, mla_decode_paged
 from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_fp8_act
 from nmoe.serve.ops.kv import gather_context, kv_norm_rope_append
 from nmoe.serve.ops.moe import moe_align, moe_combine
@@ -328,10 +328,14 @@ class MLA(nn.Module):
         q_nope, q_pe = self._split_q(q)
         if batch.static:  # decode rows first, one per sequence, then prefill rows: no row bookkeeping
             d = x.shape[0] if batch.num_decode is None else batch.num_decode
+            if d == x.shape[0] and d and self.o_proj.weight.dtype == FP8:  # decode only: o_proj's input quantized
+                oq = self._decode_absorbed(q_nope, q_pe, batch.cos, batch.sin, cache, batch.block_table,
+                                           batch.seq_lens, static=True, quantize=True)
+                return self.o_proj.forward_quantized(*oq)
             parts = []
             if d:
                 parts.append(self._decode_absorbed(q_nope[:d], q_pe[:d], batch.cos[:d], batch.sin[:d], cache,
-                                                   batch.block_table, batch.seq_lens, static=True).transpose(0, 1))
+                                                   batch.block_table, batch.seq_lens, static=True))
             if d < x.shape[0]:
                 q_pe_p = apply_rope(q_pe[d:], batch.cos[d:], batch.sin[d:])
                 parts.append(batch.prefill_attention(self, q_nope[d:], q_pe_p, cache))
@@ -340,8 +344,7 @@ class MLA(nn.Module):
         starts = batch.starts
         if batch.decode_rows:
             rows, cos, sin, block_table, seq_lens = batch.decode_inputs()
-            out[rows] = self._decode_absorbed(q_nope[rows], q_pe[rows], cos, sin, cache, block_table,
-                                              seq_lens).transpose(0, 1)
+            out[rows] = self._decode_absorbed(q_nope[rows], q_pe[rows], cos, sin, cache, block_table, seq_lens)
         for i, q_len in enumerate(batch.q_lens):
             if q_len > 1:
                 sl = slice(starts[i], starts[i] + q_len)
@@ -421,17 +424,18 @@ class MLA(nn.Module):
                 out[:, h0:h1] = o[0].transpose(0, 1)
         return out
 
-    def _decode_absorbed(self, q_nope, q_pe, cos, sin, cache, block_table, seq_lens, static: bool = False):
+    def _decode_absorbed(self, q_nope, q_pe, cos, sin, cache, block_table, seq_lens, static: bool = False,
+                         quantize: bool = False):
         """One query per sequence (q_pe not yet rotated): W_UK folded into the query, W_UV applied
-        after attention; returns `[H, B, v]`. `static`: no host read of `seq_lens` (the block
-        table's width bounds every context)."""
+        after attention; returns `[B, H, v]`, or with `quantize` its FP8 quantization for o_proj
+        (`mla_absorb_out`). `static`: no host read of `seq_lens` (the block table's width bounds
+        every context)."""
         cfg = self.cfg
         w = self.kv_b_proj.weight.view(self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, B, R]
-        q = mla_decode_q(q_lat, q_pe, cos, sin).to(cache.dtype)
+        q = mla_absorb_q(q_nope, w_uk, q_pe, cos, sin).to(cache.dtype)
         o_lat, _ = mla_decode_paged(q, cache, block_table, seq_lens, self.scale, cfg.kv_lora_rank, static=static)
-        return torch.bmm(o_lat.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))
+        return mla_absorb_out(o_lat, w_uv, quantize)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -193,3 +193,75 @@ def test_norm_quant_rejects_partial_groups():
     with pytest.raises(RuntimeError, match="multiple of 128"):
         ops.rms_norm_quant(x, torch.ones(320, device="cuda", dtype=torch.bfloat16), 1e-6)
 
+
+
+def _kv_b_views(h, gen):
+    """W_UK `[H, 128, 512]` and W_UV `[H, 128, 512]` as the model takes them: views of kv_b_proj's
+    weight `[H, 256, 512]` (nope rows, then v rows), scaled as a trained layer's are."""
+    w = (torch.randn(h, 256, 512, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    return w[:, :128], w[:, 128:]
+
+
+def _close_to_fp32(got, want):
+    """One bf16 rounding of an fp32-accumulated sum: within 2^-8 relative, plus a floor for sums
+    that cancel."""
+    err = (got.float() - want).abs()
+    assert bool((err <= want.abs() * 2**-8 + 1e-3).all()), float(err.max())
+
+
+@pytest.mark.parametrize("b,h", [(1, 128), (32, 128), (33, 16), (100, 3), (256, 2), (0, 4)])
+def test_mla_absorb_q(b, h):
+    """The latent part against fp32 products of the same bf16 operands; the rope part bit-exact
+    against apply_rope (q_nope and q_pe strided views of q_b_proj's output, as in the model)."""
+    from nmoe.serve.ops.attention import mla_absorb_q
+
+    _ops("mla_absorb_q")
+    gen = torch.Generator().manual_seed(b * 7 + h)
+    w_uk, _ = _kv_b_views(h, gen)
+    q = torch.randn(b, h, 192, generator=gen).to(torch.bfloat16).cuda()
+    q_nope, q_pe = q[..., :128], q[..., 128:]
+    angles = torch.rand(b, 32, generator=gen).cuda() * 100
+    out = mla_absorb_q(q_nope, w_uk, q_pe, angles.cos(), angles.sin())
+    assert out.shape == (b, h, 576)
+    want = torch.einsum("bhd,hdr->bhr", q_nope.float(), w_uk.float())
+    _close_to_fp32(out[..., :512], want)
+    rope = apply_rope(q_pe, angles.cos(), angles.sin())
+    assert torch.equal(out[..., 512:].view(torch.int16), rope.view(torch.int16))
+
+
+@pytest.mark.parametrize("b,h", [(1, 128), (32, 128), (33, 16), (100, 3), (256, 2), (0, 4)])
+def test_mla_absorb_out_and_its_quantization(b, h):
+    """BF16 output against fp32 products; the quantized output bit-identical to quant_fp8_act of
+    the BF16 one (each head one 128-channel group), so both o_proj inputs agree exactly."""
+    from nmoe.serve.ops.attention import mla_absorb_out
+
+    _ops("mla_absorb_out")
+    gen = torch.Generator().manual_seed(b * 5 + h)
+    _, w_uv = _kv_b_views(h, gen)
+    o_lat = torch.randn(b, h, 512, generator=gen).to(torch.bfloat16).cuda()
+    out = mla_absorb_out(o_lat, w_uv)
+    assert out.shape == (b, h, 128)
+    _close_to_fp32(out, torch.einsum("bhr,hvr->bhv", o_lat.float(), w_uv.float()))
+    xq, xs = mla_absorb_out(o_lat, w_uv, quantize=True)
+    rq, rs = quant_fp8_act(out)
+    assert xq.shape == (b, h * 128) and xs.shape == (b, h)
+    assert torch.equal(xq.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(xs, rs)
+
+
+def test_mla_absorb_rejects_bad_operands():
+    ops = _ops("mla_absorb_out")
+    gen = torch.Generator().manual_seed(1)
+    w_uk, w_uv = _kv_b_views(4, gen)
+    o_lat = torch.randn(3, 4, 512, generator=gen).to(torch.bfloat16).cuda()
+    with pytest.raises(RuntimeError, match="o_lat must be"):
+        ops.mla_absorb_out(o_lat[..., :256], w_uv, False)
+    with pytest.raises(RuntimeError, match="w_uv must be"):
+        ops.mla_absorb_out(o_lat, w_uv[:2], False)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.mla_absorb_out(o_lat.float(), w_uv, False)
+    q = torch.randn(3, 4, 192, generator=gen).to(torch.bfloat16).cuda()
+    cs = torch.rand(3, 32, generator=gen).cuda()
+    with pytest.raises(RuntimeError, match="q_nope must be"):
+        ops.mla_absorb_q(q[..., :64], w_uk, q[..., 128:], cs, cs)
+    with pytest.raises(RuntimeError, match="cos must be"):
+        ops.mla_absorb_q(q[..., :128], w_uk, q[..., 128:], cs[:, :16].contiguous(), cs)

@@ -10,7 +10,37 @@ from __future__ import annotations
 import torch
 
 from nmoe.serve.ops._ext import use_cuda
+from nmoe.serve.ops.fp8 import quant_fp8_act
 from nmoe.serve.ops.rope import apply_rope
+
+ABSORB_NOPE, ABSORB_V, ABSORB_RANK = 128, 128, 512  # the widths of the fused absorption kernels (V3's)
+
+
+def _absorb_kernel(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 for t in tensors) and use_cuda(*tensors)
+
+
+def mla_absorb_q(q_nope: torch.Tensor, w_uk: torch.Tensor, q_pe: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+    """The absorbed decode query `[B, H, R + D]` from q_nope `[B, H, nope]` (W_UK `[H, nope, R]`
+    folded in per head) and the unrotated q_pe `[B, H, D]`. One kernel on CUDA at DeepSeek-V3's
+    widths (the batched GEMM, the rotation and the assembly); else a batched matmul and
+    `mla_decode_q`."""
+    if (_absorb_kernel(q_nope, w_uk, q_pe) and cos.dtype == sin.dtype == torch.float32
+            and q_nope.shape[-1] == ABSORB_NOPE and w_uk.shape[-1] % 128 == 0):
+        return torch.ops.nmoe.mla_absorb_q(q_nope, w_uk, q_pe, cos.contiguous(), sin.contiguous())
+    return mla_decode_q(torch.bmm(q_nope.transpose(0, 1), w_uk), q_pe, cos, sin)
+
+
+def mla_absorb_out(o_lat: torch.Tensor, w_uv: torch.Tensor, quantize: bool = False):
+    """Per-head outputs `[B, H, v]` = o_lat `[B, H, R]` times W_UV `[H, v, R]` transposed; with
+    `quantize` their `quant_fp8_act` (e4m3 `[B, H * v]`, scales `[B, H]`) for the o_proj GEMM. One
+    kernel on CUDA at DeepSeek-V3's widths (bit-identical to quantizing its BF16 output)."""
+    if _absorb_kernel(o_lat, w_uv) and o_lat.shape[-1] == ABSORB_RANK and w_uv.shape[1] == ABSORB_V:
+        first, second = torch.ops.nmoe.mla_absorb_out(o_lat, w_uv, quantize)
+        return (first, second) if quantize else first
+    o = torch.bmm(o_lat.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2)).transpose(0, 1)
+    return quant_fp8_act(o) if quantize else o
 
 
 def mla_decode_q(q_lat: torch.Tensor, q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

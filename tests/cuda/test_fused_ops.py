@@ -265,3 +265,41 @@ def test_mla_absorb_rejects_bad_operands():
         ops.mla_absorb_q(q[..., :64], w_uk, q[..., 128:], cs, cs)
     with pytest.raises(RuntimeError, match="cos must be"):
         ops.mla_absorb_q(q[..., :128], w_uk, q[..., 128:], cs[:, :16].contiguous(), cs)
+
+
+@pytest.mark.parametrize("n,k", [(7168, 16384), (2112, 7168), (4096, 7168), (24576, 1536)])
+def test_split_gemm_partials_read_by_their_consumers(n, k):
+    """fp8_gemm_partials summed (splitk_sum) is fp8_gemm bitwise; the norms and the KV append that
+    read the partial products (SplitK) give bitwise what they give on the reduced output."""
+    from nmoe.serve.ops.fp8 import SplitK, fp8_gemm, fp8_gemm_partials, splitk_sum
+    from nmoe.serve.ops.kv import kv_norm_rope_append
+    from nmoe.serve.ops.norm import add_rms_norm_quant, rms_norm_quant
+
+    _ops("fp8_gemm_partials")
+    gen = torch.Generator().manual_seed(n + k)
+    m = 32
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    xq, xs = quant_fp8_act(x)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.float8_e4m3fn).cuda()
+    ws = torch.rand(-(-n // 128), -(-k // 128), generator=gen).cuda() + 0.5
+    parts = fp8_gemm_partials(xq, xs, w, ws)
+    reduced = fp8_gemm(xq, xs, w, ws)
+    assert parts.parts.shape[1:] == (m, n) and torch.equal(splitk_sum(parts.parts), reduced)
+    if n < 24576:
+        assert parts.parts.shape[0] > 1, "expected a split call at this shape"
+    weight = (torch.rand(1536, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+    a, b = rms_norm_quant(SplitK(parts.parts[..., :1536]), weight, 1e-6), rms_norm_quant(reduced[:, :1536], weight, 1e-6)
+    assert all(torch.equal(u.view(torch.uint8), v.view(torch.uint8)) for u, v in zip(a, b))
+    if n == 7168:
+        residual = torch.randn(m, n, generator=gen).to(torch.bfloat16).cuda()
+        hw = (torch.rand(n, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+        a, b = add_rms_norm_quant(parts, residual, hw, 1e-6), add_rms_norm_quant(reduced, residual, hw, 1e-6)
+        assert all(torch.equal(u.view(torch.uint8), v.view(torch.uint8)) for u, v in zip(a, b))
+    if n == 2112:  # q_a, then the latent and rope key: kv_norm_rope_append of the last 576 columns
+        caches = [torch.full((4, 16, 576), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        out_loc = torch.randperm(64, generator=gen)[:m].cuda()
+        kw = (torch.rand(512, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+        angles = torch.rand(m, 32, generator=gen).cuda() * 10
+        kv_norm_rope_append(caches[0], out_loc, SplitK(parts.parts[..., 1536:]), kw, 1e-6, angles.cos(), angles.sin())
+        kv_norm_rope_append(caches[1], out_loc, reduced[:, 1536:], kw, 1e-6, angles.cos(), angles.sin())
+        assert torch.equal(caches[0].view(torch.int16), caches[1].view(torch.int16))

@@ -127,26 +127,32 @@ __global__ void __launch_bounds__(32 * kQWarps) mla_absorb_q_kernel(const MlaAbs
         }
       }
     }
-    // acc[mt][nt]: rows mt * 16 + g (0, 1) and + 8 (2, 3), columns nt * 8 + 2 tig (+1) of the warp's 32
+    // acc[mt][nt]: rows mt * 16 + g (0, 1) and + 8 (2, 3), columns nt * 8 + 2 tig (+1) of the warp's
+    // 32; staged through qs (free once every warp has read its A fragments) for 16-byte row stores
+    __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t b = b0 + mt * 16 + g + 8 * half;
-        if (b >= p.batch) continue;
-        __nv_bfloat16* dst = out + b * out_row + h * (p.rank + p.rope) + c * kChunk + warp * 32 + 2 * tig;
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          *reinterpret_cast<uint32_t*>(dst + nt * 8) = pack2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
-        }
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = warp * 32 + nt * 8 + 2 * tig;
+        *reinterpret_cast<uint32_t*>(&qs[mt * 16 + g][col]) = pack2(acc[mt][nt][0], acc[mt][nt][1]);
+        *reinterpret_cast<uint32_t*>(&qs[mt * 16 + g + 8][col]) = pack2(acc[mt][nt][2], acc[mt][nt][3]);
       }
     }
-    __syncthreads();  // every warp is done with qs before the next rows land
+    __syncthreads();
+    for (int i = tid; i < kRows * (kChunk / 8); i += 32 * kQWarps) {
+      const int row = i / (kChunk / 8), piece = i % (kChunk / 8);
+      if (b0 + row >= p.batch) continue;
+      *reinterpret_cast<uint4*>(out + (b0 + row) * out_row + h * (p.rank + p.rope) + c * kChunk + piece * 8) =
+          *reinterpret_cast<const uint4*>(&qs[row][piece * 8]);
+    }
+    __syncthreads();  // every thread is done with qs before the next rows land
   }
-  if (c != 0) return;
-  // the rope part of head h for every row: torch's rounding of each product and sum (no FMA)
+  // the rope part of head h, its rows shared out over the head's CTAs: torch's rounding of each
+  // product and sum (no FMA)
   const int pairs = p.rope / 2;
-  for (int64_t i = tid; i < p.batch * pairs; i += 32 * kQWarps) {
+  for (int64_t i = tid + static_cast<int64_t>(c) * 32 * kQWarps; i < p.batch * pairs;
+       i += static_cast<int64_t>(gridDim.x) * 32 * kQWarps) {
     const int64_t b = i / pairs;
     const int j = static_cast<int>(i % pairs);
     const auto* pe = static_cast<const __nv_bfloat16*>(p.q_pe) + b * p.pe_batch_stride + h * p.pe_head_stride;

@@ -17,6 +17,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/device_kernel.h>  // CUTLASS_GRID_CONSTANT
@@ -25,12 +27,24 @@
 
 namespace nmoe::fp8::sm90 {
 
-template <class Kernel>
+// No prologue: the plain GEMMs.
+struct NoPrologue {
+  __device__ void operator()() const {}
+};
+
+// `prologue()` runs in every thread of every CTA after the wait and before the GEMM (a
+// __syncthreads between): the grouped GEMMs write their per-group arrays there (grouped_gemm.cuh).
+template <class Kernel, class Prologue>
 __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksPerMultiprocessor)
-    gemm_after_previous_grid(CUTLASS_GRID_CONSTANT typename Kernel::Params const params) {
+    gemm_after_previous_grid(CUTLASS_GRID_CONSTANT typename Kernel::Params const params,
+                             CUTLASS_GRID_CONSTANT Prologue const prologue) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");  // every warp, the scale loader included
 #endif
+  if constexpr (!std::is_same_v<Prologue, NoPrologue>) {
+    prologue();
+    __syncthreads();  // the CTA's writes are visible to all its threads (and it reads only its own)
+  }
   extern __shared__ char smem[];
   Kernel op;
   op(params, smem);
@@ -38,12 +52,12 @@ __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksP
 
 // Launches the kernel of an initialized GemmUniversalAdapter on `stream` (the cluster shape of its
 // dispatch policy; the PDL attribute unless NMOE_PDL=0). nullptr, or what failed.
-template <class Gemm>
-const char* launch_gemm(const Gemm& gemm, cudaStream_t stream) {
+template <class Gemm, class Prologue = NoPrologue>
+const char* launch_gemm(const Gemm& gemm, cudaStream_t stream, const Prologue& prologue = {}) {
   using Kernel = typename Gemm::GemmKernel;
   using Cluster = typename Kernel::DispatchPolicy::ClusterShape;
   using Params = typename Kernel::Params;
-  void (*kernel)(Params) = gemm_after_previous_grid<Kernel>;
+  void (*kernel)(Params, Prologue) = gemm_after_previous_grid<Kernel, Prologue>;
   constexpr int smem = Kernel::SharedStorageSize;
   static const cudaError_t configured =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -64,7 +78,7 @@ const char* launch_gemm(const Gemm& gemm, cudaStream_t stream) {
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = pdl_enabled() ? 2 : 1;
-  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, params);
+  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, params, prologue);
   return launched == cudaSuccess ? nullptr : "fp8 gemm: CUTLASS kernel launch failed";
 }
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from cuda_support import greedy_agreement
 
 from nmoe.serve import ep
 from nmoe.serve.ckpt import TINY_DIR, load_config, model_specs, scale_shape
@@ -310,13 +311,7 @@ def test_absorb_kernels_match_batched_matmuls_in_the_engine(monkeypatch, tmp_pat
     assert taken and all(taken), "the absorption kernels were not used"
     monkeypatch.setattr(attention, "_absorb_kernel", lambda *t: False)
     plain = _greedy_tiny("cuda", "fp8", max_tokens=8, ckpt=str(tmp_path))
-    same, worst = 0, 0.0
-    for a, b in zip(fused, plain):
-        same += a.token_ids == b.token_ids
-        n = 0
-        while n < len(a.token_ids) and a.token_ids[n] == b.token_ids[n]:
-            n += 1
-        worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs[:n], b.logprobs[:n])])
+    same, worst = greedy_agreement(fused, plain)
     print(f"absorb kernels vs batched matmuls: identical greedy sequences {same}/{len(plain)}, "
           f"max |logprob diff| over the common prefixes {worst:.3e}")
     assert same >= len(plain) - 1 and worst < 0.02

@@ -139,32 +139,55 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const a
   return {out, lse};
 }
 
+namespace {
+
+std::string dims(at::IntArrayRef a) {
+  std::string out = "[";
+  for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
+  return out + "]";
+}
+
+// A bf16 [., ., .] operand of the absorbed projections on `ref`'s device: unit last stride, the
+// other strides whole 16-byte vectors, a 16-byte aligned start.
+void check_absorb_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ", ref.device().str(),
+              ", got ", t.device().str());
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 3, op, ": ", name,
+              " must be a bfloat16 tensor of 3 dims, got ", c10::toString(t.scalar_type()), " ", dims(t.sizes()));
+  TORCH_CHECK(t.numel() == 0 || (t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                                 reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0),
+              op, ": ", name, " needs unit last stride and 16-byte rows, got strides ", dims(t.strides()));
+}
+
+// cos / sin of the rope: contiguous float32 [batch, rope / 2] on ref's device.
+void check_rope_tables(const char* op, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ref,
+                       int64_t batch, int64_t rope) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
+    TORCH_CHECK(t.is_cuda() && t.device() == ref.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.dim() == 2 && t.size(0) == batch && t.size(1) == rope / 2,
+                op, ": ", name, " must be a contiguous float32 [", batch, ", ", rope / 2, "] tensor on ",
+                ref.device().str(), ", got shape ", dims(t.sizes()));
+  }
+}
+
+}  // namespace
+
 at::Tensor mla_decode_q(const at::Tensor& q_lat, const at::Tensor& q_pe, const at::Tensor& cos, const at::Tensor& sin) {
   constexpr const char* op = "mla_decode_q";
-  auto str = [](at::IntArrayRef a) {
-    std::string out = "[";
-    for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
-    return out + "]";
-  };
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q_lat", q_lat}, {"q_pe", q_pe}}) {
     TORCH_CHECK(t.is_cuda() && t.device() == q_lat.device(), op, ": ", name, " must be on q_lat's CUDA device");
     TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 3 && t.stride(2) == 1, op, ": ", name,
-                " must be a bfloat16 [., ., .] tensor with unit last stride, got shape ", str(t.sizes()), " strides ",
-                str(t.strides()));
+                " must be a bfloat16 [., ., .] tensor with unit last stride, got shape ", dims(t.sizes()), " strides ",
+                dims(t.strides()));
   }
   const int64_t heads = q_lat.size(0), batch = q_lat.size(1), rank = q_lat.size(2), rope = q_pe.size(2);
   TORCH_CHECK(q_pe.size(0) == batch && q_pe.size(1) == heads, op, ": q_pe must be [", std::to_string(batch), ", ",
-              std::to_string(heads), ", rope] for q_lat ", str(q_lat.sizes()), ", got ", str(q_pe.sizes()));
+              std::to_string(heads), ", rope] for q_lat ", dims(q_lat.sizes()), ", got ", dims(q_pe.sizes()));
   TORCH_CHECK(rank % 8 == 0 && reinterpret_cast<uintptr_t>(q_lat.data_ptr()) % 16 == 0 && q_lat.stride(0) % 8 == 0 &&
                   q_lat.stride(1) % 8 == 0,
-              op, ": q_lat rows must start on 16-byte boundaries, got strides ", str(q_lat.strides()));
+              op, ": q_lat rows must start on 16-byte boundaries, got strides ", dims(q_lat.strides()));
   TORCH_CHECK(rope % 2 == 0, op, ": the rope width ", std::to_string(rope), " must be even");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
-    TORCH_CHECK(t.is_cuda() && t.device() == q_lat.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
-                    t.dim() == 2 && t.size(0) == batch && t.size(1) == rope / 2,
-                op, ": ", name, " must be a contiguous float32 [", std::to_string(batch), ", ",
-                std::to_string(rope / 2), "] tensor on q_lat's device, got shape ", str(t.sizes()));
-  }
+  check_rope_tables(op, cos, sin, q_lat, batch, rope);
   c10::cuda::CUDAGuard guard(q_lat.device());
   auto out = at::empty({batch, heads, rank + rope}, q_lat.options());
   MlaDecodeQParams p{};
@@ -186,27 +209,6 @@ at::Tensor mla_decode_q(const at::Tensor& q_lat, const at::Tensor& q_pe, const a
   return out;
 }
 
-namespace {
-
-std::string dims(at::IntArrayRef a) {
-  std::string out = "[";
-  for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
-  return out + "]";
-}
-
-// A bf16 [., ., .] operand of the absorbed projections on `ref`'s device: unit last stride, the
-// other strides whole 16-byte vectors, a 16-byte aligned start.
-void check_absorb_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " must be on ", ref.device().str(),
-              ", got ", t.device().str());
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 3, op, ": ", name,
-              " must be a bfloat16 tensor of 3 dims, got ", c10::toString(t.scalar_type()), " ", dims(t.sizes()));
-  TORCH_CHECK(t.numel() == 0 || (t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
-                                 reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0),
-              op, ": ", name, " needs unit last stride and 16-byte rows, got strides ", dims(t.strides()));
-}
-
-}  // namespace
 
 at::Tensor mla_absorb_q(const at::Tensor& q_nope, const at::Tensor& w_uk, const at::Tensor& q_pe, const at::Tensor& cos,
                         const at::Tensor& sin) {
@@ -224,12 +226,7 @@ at::Tensor mla_absorb_q(const at::Tensor& q_nope, const at::Tensor& w_uk, const 
               ": w_uk must be [", heads, ", ", kAbsorbNope, ", R] with R a multiple of 128, got ", dims(w_uk.sizes()));
   TORCH_CHECK(q_pe.size(0) == batch && q_pe.size(1) == heads && rope % 2 == 0, op, ": q_pe must be [", batch, ", ",
               heads, ", D] with D even, got ", dims(q_pe.sizes()));
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
-    TORCH_CHECK(t.is_cuda() && t.device() == q_nope.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
-                    t.dim() == 2 && t.size(0) == batch && t.size(1) == rope / 2,
-                op, ": ", name, " must be a contiguous float32 [", batch, ", ", rope / 2,
-                "] tensor on q_nope's device, got ", dims(t.sizes()));
-  }
+  check_rope_tables(op, cos, sin, q_nope, batch, rope);
   c10::cuda::CUDAGuard guard(q_nope.device());
   auto out = at::empty({batch, heads, rank + rope}, q_nope.options());
   MlaAbsorbQParams p{};

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from cuda_support import greedy_agreement
 
 from nmoe.serve import LLM, SamplingParams
 from nmoe.serve.tiny_prompts import FIXED_PROMPTS
@@ -29,13 +30,7 @@ def test_cuda_engine_matches_cpu(model, kv, tiny_random_dir):
     g = torch.Generator().manual_seed(0)
     prompts = [p for p, _ in FIXED_PROMPTS] + [torch.randint(2, 500, (n,), generator=g).tolist() for n in (5, 70, 300)]
     cpu, gpu = _run("cpu", path, prompts), _run("cuda", path, prompts, kv)
-    worst, same = 0.0, 0
-    for a, b in zip(cpu, gpu):
-        same += a.token_ids == b.token_ids
-        n = 0
-        while n < len(a.token_ids) and a.token_ids[n] == b.token_ids[n]:
-            n += 1
-        worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs[:n], b.logprobs[:n])])
+    same, worst = greedy_agreement(cpu, gpu)
     print(f"{model}, kv cache {kv}: identical greedy tokens {same}/{len(prompts)}, max |logprob diff| {worst:.3e}")
     if model == "tiny":
         for (prompt, want), out in zip(FIXED_PROMPTS, gpu):
@@ -78,14 +73,10 @@ def test_cuda_graph_steps_match_eager(model, steps, tiny_random_dir):
     eng.step_graphs = lambda: static_runner
     static = static_llm.generate(prompts, params)
 
-    worst, diverged = 0.0, 0
-    for a, b, c in zip(eager, graphed, static):
+    for b, c in zip(graphed, static):
         assert b.token_ids == c.token_ids and b.logprobs == c.logprobs  # replay == the captured forward, bitwise
-        n = 0
-        while n < len(a.token_ids) and a.token_ids[n] == b.token_ids[n]:
-            n += 1
-        diverged += n < len(a.token_ids)
-        worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs[:n], b.logprobs[:n])])
+    same, worst = greedy_agreement(eager, graphed)
+    diverged = len(prompts) - same
     print(f"{model}: graph buckets {sorted(runner.graphs)}, max |logprob diff| vs --disable-cuda-graph {worst:.3e}, "
           f"{diverged}/{len(prompts)} sequences diverge")
     # The eager run is a different forward: the MLA reference (these widths have no kernel) reduces

@@ -25,7 +25,9 @@
 
 #include "attention/params.h"
 #include "fp8/generic/group_quant.cuh"
+#include "mma_bf16.cuh"
 #include "pdl.cuh"
+#include "rope_pair.cuh"
 
 namespace nmoe::attention {
 namespace {
@@ -37,23 +39,9 @@ constexpr int kPadQ = 8;     // 272-byte rows: 32-bit fragment loads and ldmatri
 constexpr int kOutWarps = 8;
 constexpr int kPadO = 32;    // 1088-byte rows: 16-byte fragment loads conflict-free per quarter warp
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
-}
-
 __device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
-}
-
-// A 16-byte load of a weight, read once: not kept in L1.
-__device__ __forceinline__ uint4 load_stream(const void* ptr) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
+  cp_async_commit();
+  cp_async_wait<0>();
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
@@ -61,16 +49,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
-}
-
-// d += a (16 x 16, row) * b (16 x 8, col), bf16 in, fp32 accumulate.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t lds32(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
@@ -148,8 +126,7 @@ __global__ void __launch_bounds__(32 * kQWarps) mla_absorb_q_kernel(const MlaAbs
     }
     __syncthreads();  // every thread is done with qs before the next rows land
   }
-  // the rope part of head h, its rows shared out over the head's CTAs: torch's rounding of each
-  // product and sum (no FMA)
+  // the rope part of head h, its rows shared out over the head's CTAs
   const int pairs = p.rope / 2;
   for (int64_t i = tid + static_cast<int64_t>(c) * 32 * kQWarps; i < p.batch * pairs;
        i += static_cast<int64_t>(gridDim.x) * 32 * kQWarps) {
@@ -159,8 +136,7 @@ __global__ void __launch_bounds__(32 * kQWarps) mla_absorb_q_kernel(const MlaAbs
     const float x1 = __bfloat162float(pe[2 * j]), x2 = __bfloat162float(pe[2 * j + 1]);
     const float cs = p.cos[b * pairs + j], sn = p.sin[b * pairs + j];
     __nv_bfloat16* dst = out + b * out_row + h * (p.rank + p.rope) + p.rank + 2 * j;
-    dst[0] = __float2bfloat16(__fsub_rn(__fmul_rn(x1, cs), __fmul_rn(x2, sn)));
-    dst[1] = __float2bfloat16(__fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn)));
+    rotate_pair(x1, x2, cs, sn, dst);
   }
 }
 

@@ -9,6 +9,7 @@
 
 #include "attention/params.h"
 #include "pdl.cuh"
+#include "rope_pair.cuh"
 
 namespace nmoe::attention {
 namespace {
@@ -31,9 +32,7 @@ __global__ void __launch_bounds__(32 * kWarps) mla_decode_q_kernel(const MlaDeco
   const float* sin = p.sin + b * (p.rope / 2);
   for (int i = lane; i < p.rope / 2; i += 32) {
     const float x1 = __bfloat162float(pe[2 * i]), x2 = __bfloat162float(pe[2 * i + 1]);
-    const float c = cos[i], s = sin[i];
-    out[p.rank + 2 * i] = __float2bfloat16(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-    out[p.rank + 2 * i + 1] = __float2bfloat16(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+    rotate_pair(x1, x2, cos[i], sin[i], out + p.rank + 2 * i);
   }
 }
 

@@ -12,17 +12,13 @@
 #include "fp8/generic/splitk_sum.cuh"
 #include "kv/params.h"
 #include "pdl.cuh"
+#include "rope_pair.cuh"
 
 namespace nmoe::kv {
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxVecPerLane = kMaxNormRank / 8 / 32;
-
-__device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s, __nv_bfloat16* out) {
-  out[0] = __float2bfloat16(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-  out[1] = __float2bfloat16(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
-}
 
 __global__ void __launch_bounds__(32 * kWarps) kv_norm_rope_kernel(const KvNormRopeParams p) {
   pdl_enter();  // first: see csrc/pdl.cuh

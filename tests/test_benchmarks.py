@@ -71,6 +71,24 @@ def test_benchmark_cpu_smoke(name, tmp_path):
         assert value is True or (isinstance(value, float) and math.isfinite(value) and value > 0), (key, value)
 
 
+def test_ab_env_compares_settings_in_fresh_processes():
+    """benchmarks/ab_env.py: every setting runs in its own process (NMOE_SIDE_STREAM read there), and
+    the last line holds each setting's figure per round; a bad setting is refused by name."""
+    module, flags, _ = SMOKES["lmsys"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, "benchmarks", "ab_env.py")
+    proc = subprocess.run([sys.executable, script, "--set", "", "--set", "NMOE_SIDE_STREAM=none", "--rounds", "1",
+                           "--keys", "decode_step_ms", "--", *CPU, *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"", "NMOE_SIDE_STREAM=none"}
+    assert all(len(r["decode_step_ms"]) == 1 and r["decode_step_ms"][0] > 0 for r in result.values())
+    bad = subprocess.run([sys.executable, script, "--set", "NMOE_X", "--set", "", "--", *CPU], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "'NMOE_X' is not NAME=VALUE" in bad.stderr
+
+
 def test_random_weights_match_specs():
     cfg = load_config(TINY_DIR)
     experts = RankInfo(1, 4).local_experts(cfg.n_routed_experts)

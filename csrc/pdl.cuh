@@ -3,7 +3,9 @@
 // kernel's tail instead of following it. A decode step is some 2000 short kernels in a row, each
 // a few microseconds, where that gap is a large part of the time.
 //
-// The contract: every kernel launched with launch_pdl calls pdl_enter() before anything else.
+// The contract: every kernel launched with launch_pdl calls pdl_enter() before anything else, or
+// at least before it reads anything an earlier kernel may write and before it writes global
+// memory (the MLA absorption kernels fetch their weights first, which no kernel writes).
 // griddepcontrol.wait blocks until the previous grid has completed and its writes are visible, so
 // nothing after it can read stale inputs or overwrite memory the previous kernel still reads; then
 // launch_dependents lets the next kernel be scheduled (it waits in its own pdl_enter). Both

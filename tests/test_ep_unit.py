@@ -11,9 +11,10 @@ from nmoe.serve.ckpt import TINY_DIR, CheckpointError, load_config, load_weights
 from nmoe.serve.dist import RankInfo, init_dist
 from nmoe.serve.engine import Engine
 from nmoe.serve.ep import testing
-from nmoe.serve.model import Experts
+from nmoe.serve.model import Experts, combine_experts
 from nmoe.serve.orchestrator import CollectOutputs, Orchestrator, RankFailure, parse_fault
 from nmoe.serve.request import SamplingParams
+from nmoe.serve.side_stream import Deferred
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,13 @@ def test_transport_matches_local_experts(ctx, low_latency, t):
     transport = ep.make_transport(ctx, 8, max_tokens_per_rank=64, low_latency=low_latency)
     assert transport.name == "local"
     assert torch.equal(transport.moe(x, weights, ids, experts), want)
+    # the shared experts' output as a side stream's Deferred (what MoE.forward passes on CUDA) is
+    # added exactly as the tensor itself is, by the transports and by the local path alike
+    add = torch.randn(t, 24)
+    with_add = transport.moe(x, weights, ids, experts, add=add)
+    assert torch.equal(transport.moe(x, weights, ids, experts, add=Deferred(add, None)), with_add)
+    assert torch.equal(combine_experts(experts, x, weights, ids, Deferred(add, None)),
+                       combine_experts(experts, x, weights, ids, add))
 
 
 def test_transport_errors(ctx):

@@ -19,6 +19,7 @@ same kernels on the same inputs).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -32,11 +33,17 @@ SIDE_TASKS = ("shared",)
 _streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def side_task_on(name: str) -> bool:
-    """Whether the side-stream task `name` (one of `SIDE_TASKS`) is on in `NMOE_SIDE_STREAM`."""
-    for n in (name, *ENV.side_stream):
+@functools.cache
+def _checked(names: tuple[str, ...]) -> None:
+    """Each task name known; checked once per set of names (not on every layer's call)."""
+    for n in names:
         if n not in SIDE_TASKS:
             raise ValueError(f"unknown side-stream task {n!r} (NMOE_SIDE_STREAM takes: {', '.join(SIDE_TASKS)}, or none)")
+
+
+def side_task_on(name: str) -> bool:
+    """Whether the side-stream task `name` (one of `SIDE_TASKS`) is on in `NMOE_SIDE_STREAM`."""
+    _checked((name, *ENV.side_stream))
     return name in ENV.side_stream
 
 

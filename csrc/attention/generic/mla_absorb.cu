@@ -39,7 +39,17 @@ constexpr int kPadQ = 8;     // 272-byte rows: 32-bit fragment loads and ldmatri
 constexpr int kOutWarps = 8;
 constexpr int kPadO = 32;    // 1088-byte rows: 16-byte fragment loads conflict-free per quarter warp
 
-__device__ __forceinline__ void cp_async_wait_all() {
+// Rows b0 .. b0 + kRows of a [batch, kCols] operand (row stride `stride`) into dst, zeros past
+// `batch`, by the CTA's kThreads threads; then waits for every copy this thread issued (the
+// weight tile's too) - the caller's __syncthreads makes them visible to the CTA.
+template <int kCols, int kThreads, int kLd>
+__device__ __forceinline__ void stage_rows(__nv_bfloat16 (*dst)[kLd], const __nv_bfloat16* src, int64_t stride,
+                                           int64_t b0, int64_t batch) {
+  for (int i = threadIdx.x; i < kRows * (kCols / 8); i += kThreads) {
+    const int row = i / (kCols / 8), piece = i % (kCols / 8);
+    const bool inside = b0 + row < batch;
+    cp_async16(&dst[row][piece * 8], inside ? src + (b0 + row) * stride + piece * 8 : src, inside ? 16 : 0);
+  }
   cp_async_commit();
   cp_async_wait<0>();
 }
@@ -74,12 +84,7 @@ __global__ void __launch_bounds__(32 * kQWarps) mla_absorb_q_kernel(const MlaAbs
   auto* out = static_cast<__nv_bfloat16*>(p.out);
   const int64_t out_row = p.heads * (p.rank + p.rope);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kRows) {
-    for (int i = tid; i < kRows * (kAbsorbNope / 8); i += 32 * kQWarps) {
-      const int row = i / (kAbsorbNope / 8), piece = i % (kAbsorbNope / 8);
-      const bool inside = b0 + row < p.batch;
-      cp_async16(&qs[row][piece * 8], inside ? q + (b0 + row) * p.q_batch_stride + piece * 8 : q, inside ? 16 : 0);
-    }
-    cp_async_wait_all();
+    stage_rows<kAbsorbNope, 32 * kQWarps>(qs, q, p.q_batch_stride, b0, p.batch);
     __syncthreads();
     float acc[2][4][4] = {};
 #pragma unroll
@@ -160,12 +165,7 @@ __global__ void __launch_bounds__(32 * kOutWarps, 1) mla_absorb_out_kernel(const
   pdl_enter();
   const auto* o = static_cast<const __nv_bfloat16*>(p.o_lat) + h * p.o_head_stride;
   for (int64_t b0 = 0; b0 < p.batch; b0 += kRows) {
-    for (int i = tid; i < kRows * (kAbsorbRank / 8); i += 32 * kOutWarps) {
-      const int row = i / (kAbsorbRank / 8), piece = i % (kAbsorbRank / 8);
-      const bool inside = b0 + row < p.batch;
-      cp_async16(&os[row][piece * 8], inside ? o + (b0 + row) * p.o_batch_stride + piece * 8 : o, inside ? 16 : 0);
-    }
-    cp_async_wait_all();
+    stage_rows<kAbsorbRank, 32 * kOutWarps>(os, o, p.o_batch_stride, b0, p.batch);
     __syncthreads();
     float acc[2][2][4] = {};
 #pragma unroll

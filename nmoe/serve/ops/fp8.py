@@ -100,10 +100,6 @@ class SplitK(NamedTuple):
         return self.parts.dtype
 
     @property
-    def device(self) -> torch.device:
-        return self.parts.device
-
-    @property
     def is_cuda(self) -> bool:
         return self.parts.is_cuda
 
@@ -117,6 +113,16 @@ class SplitK(NamedTuple):
 
     def value(self) -> torch.Tensor:
         return splitk_sum(self.parts)
+
+
+def splitk_operand(x: torch.Tensor | SplitK) -> torch.Tensor:
+    """What a kernel taking partial products reads: x itself, or a SplitK's `[S, T, N]` parts."""
+    return x.parts if isinstance(x, SplitK) else x
+
+
+def splitk_value(x: torch.Tensor | SplitK) -> torch.Tensor:
+    """x itself, or a SplitK's summed value (the reference paths)."""
+    return x.value() if isinstance(x, SplitK) else x
 
 
 def fp8_gemm_partials(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> SplitK:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from nmoe.serve.ops._ext import use_cuda
-from nmoe.serve.ops.fp8 import SplitK
+from nmoe.serve.ops.fp8 import splitk_operand, splitk_value
 from nmoe.serve.ops.norm import rms_norm
 from nmoe.serve.ops.rope import apply_rope
 
@@ -40,11 +40,10 @@ def kv_norm_rope_append(cache, out_loc, kv, weight, eps: float, cos, sin) -> Non
     r = weight.shape[0]
     fused = cache.dtype == kv.dtype == weight.dtype == torch.bfloat16 and cos.dtype == sin.dtype == torch.float32
     if fused and use_cuda(cache, out_loc, kv, weight) and r % 8 == 0 and r <= 1024 and kv.shape[-1] - r <= 128:
-        operand = kv.parts if isinstance(kv, SplitK) else kv
-        torch.ops.nmoe.kv_norm_rope_append(cache, out_loc, operand, weight, float(eps), cos.contiguous(), sin.contiguous())
+        torch.ops.nmoe.kv_norm_rope_append(cache, out_loc, splitk_operand(kv), weight, float(eps), cos.contiguous(),
+                                           sin.contiguous())
         return
-    if isinstance(kv, SplitK):
-        kv = kv.value()
+    kv = splitk_value(kv)
     c_kv, k_pe = kv.split([r, kv.shape[-1] - r], dim=-1)
     k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
     kv_append_paged(cache, out_loc, rms_norm(c_kv, weight, eps), k_pe)

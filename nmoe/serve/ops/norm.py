@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nmoe.serve.ops._ext import use_cuda
-from nmoe.serve.ops.fp8 import BLOCK, SplitK, quant_fp8_act
+from nmoe.serve.ops.fp8 import BLOCK, SplitK, quant_fp8_act, splitk_operand, splitk_value
 
 MAX_KERNEL_HIDDEN = 16384  # csrc/norm/params.h kMaxHidden: a row held in one block's registers
 
@@ -19,26 +19,17 @@ MAX_KERNEL_HIDDEN = 16384  # csrc/norm/params.h kMaxHidden: a row held in one bl
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`x * rsqrt(mean(x^2) + eps) * weight` over the last dim, in fp32, returned in x's dtype."""
     if _kernel_applies(x, weight):
-        return torch.ops.nmoe.rms_norm(_operand(x), weight, float(eps))
-    x = _value(x)
+        return torch.ops.nmoe.rms_norm(splitk_operand(x), weight, float(eps))
+    x = splitk_value(x)
     if x.is_cuda and x.dtype == weight.dtype:  # torch's fused kernel: one launch, not six
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
-def _value(x: torch.Tensor | SplitK) -> torch.Tensor:
-    return x.value() if isinstance(x, SplitK) else x
-
-
-def _operand(x: torch.Tensor | SplitK) -> torch.Tensor:
-    """What the kernel takes: x `[T, h]`, or a SplitK's partial products `[S, T, h]`."""
-    return x.parts if isinstance(x, SplitK) else x
-
-
 def _kernel_applies(x: torch.Tensor | SplitK, weight: torch.Tensor) -> bool:
     rows = 3 if isinstance(x, SplitK) else 2  # a plain 3-D x is a batch of rows, not partial products
-    x = _operand(x)
+    x = splitk_operand(x)
     return (x.dim() == rows and x.dtype == weight.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0
             and x.shape[-1] <= MAX_KERNEL_HIDDEN and use_cuda(x, weight))
 
@@ -47,9 +38,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the next norm: (`rms_norm(x + residual)`, `x + residual`), the sum
     rounded to x's dtype before the norm reads it. One kernel on CUDA (BF16 rows)."""
-    if _kernel_applies(x, weight) and residual.shape == x.shape and residual.dtype == _operand(x).dtype:
-        return torch.ops.nmoe.add_rms_norm(_operand(x), residual, weight, float(eps))
-    s = _value(x) + residual
+    if _kernel_applies(x, weight) and residual.shape == x.shape and residual.dtype == splitk_operand(x).dtype:
+        return torch.ops.nmoe.add_rms_norm(splitk_operand(x), residual, weight, float(eps))
+    s = splitk_value(x) + residual
     return rms_norm(s, weight, eps), s
 
 
@@ -63,8 +54,8 @@ def rms_norm_quant(
     """(`out`, *`quant_fp8_act(out)`) for `out = rms_norm(x, weight, eps)`, x `[T, h]`: one kernel on
     CUDA (BF16 rows, h % 128 == 0), bit for bit the two ops'."""
     if _quant_kernel_applies(x, weight):
-        return torch.ops.nmoe.rms_norm_quant(_operand(x), weight, float(eps))
-    out = rms_norm(_value(x), weight, eps)
+        return torch.ops.nmoe.rms_norm_quant(splitk_operand(x), weight, float(eps))
+    out = rms_norm(splitk_value(x), weight, eps)
     return out, *quant_fp8_act(out)
 
 
@@ -72,7 +63,7 @@ def add_rms_norm_quant(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(`out`, `sum`, *`quant_fp8_act(out)`) for `(out, sum) = add_rms_norm(x, residual, weight, eps)`."""
-    if _quant_kernel_applies(x, weight) and residual.shape == x.shape and residual.dtype == _operand(x).dtype:
-        return torch.ops.nmoe.add_rms_norm_quant(_operand(x), residual, weight, float(eps))
+    if _quant_kernel_applies(x, weight) and residual.shape == x.shape and residual.dtype == splitk_operand(x).dtype:
+        return torch.ops.nmoe.add_rms_norm_quant(splitk_operand(x), residual, weight, float(eps))
     out, s = add_rms_norm(x, residual, weight, eps)
     return out, s, *quant_fp8_act(out)

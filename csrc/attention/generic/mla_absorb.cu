@@ -68,6 +68,22 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// acc[mt][nt], in the m16n8 accumulator layout (rows mt * 16 + g, and + 8 in elements 2 and 3;
+// columns nt * 8 + 2 tig, + 1), rounded to bf16 into the tile from column col0 on.
+template <int kNt, int kLd>
+__device__ __forceinline__ void store_acc_bf16(__nv_bfloat16 (*tile)[kLd], const float (&acc)[2][kNt][4], int col0,
+                                               int g, int tig) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+      const int col = col0 + nt * 8 + 2 * tig;
+      *reinterpret_cast<uint32_t*>(&tile[mt * 16 + g][col]) = pack2(acc[mt][nt][0], acc[mt][nt][1]);
+      *reinterpret_cast<uint32_t*>(&tile[mt * 16 + g + 8][col]) = pack2(acc[mt][nt][2], acc[mt][nt][3]);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(32 * kQWarps) mla_absorb_q_kernel(const MlaAbsorbQParams p) {
   __shared__ __align__(16) __nv_bfloat16 ws[kAbsorbNope][kChunk + kPadQ];
   __shared__ __align__(16) __nv_bfloat16 qs[kRows][kAbsorbNope + kPadQ];
@@ -113,15 +129,7 @@ __global__ void __launch_bounds__(32 * kQWarps) mla_absorb_q_kernel(const MlaAbs
     // acc[mt][nt]: rows mt * 16 + g (0, 1) and + 8 (2, 3), columns nt * 8 + 2 tig (+1) of the warp's
     // 32; staged through qs (free once every warp has read its A fragments) for 16-byte row stores
     __syncthreads();
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int col = warp * 32 + nt * 8 + 2 * tig;
-        *reinterpret_cast<uint32_t*>(&qs[mt * 16 + g][col]) = pack2(acc[mt][nt][0], acc[mt][nt][1]);
-        *reinterpret_cast<uint32_t*>(&qs[mt * 16 + g + 8][col]) = pack2(acc[mt][nt][2], acc[mt][nt][3]);
-      }
-    }
+    store_acc_bf16(qs, acc, warp * 32, g, tig);
     __syncthreads();
     for (int i = tid; i < kRows * (kChunk / 8); i += 32 * kQWarps) {
       const int row = i / (kChunk / 8), piece = i % (kChunk / 8);
@@ -181,15 +189,7 @@ __global__ void __launch_bounds__(32 * kOutWarps, 1) mla_absorb_out_kernel(const
         }
       }
     }
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int col = warp * 16 + nt * 8 + 2 * tig;
-        *reinterpret_cast<uint32_t*>(&ot[mt * 16 + g][col]) = pack2(acc[mt][nt][0], acc[mt][nt][1]);
-        *reinterpret_cast<uint32_t*>(&ot[mt * 16 + g + 8][col]) = pack2(acc[mt][nt][2], acc[mt][nt][3]);
-      }
-    }
+    store_acc_bf16(ot, acc, warp * 16, g, tig);
     __syncthreads();
     if (p.q == nullptr) {  // bf16 [B, H, 128]
       for (int i = tid; i < kRows * (kAbsorbV / 8); i += 32 * kOutWarps) {

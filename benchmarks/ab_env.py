@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 if k not in figures:
                     raise SystemExit(f"{args.module} printed no {k!r} (it has: {', '.join(sorted(figures))})")
                 results[text][k].append(figures[k])
+            # as it goes, so that a run cut short by the device's time limit still shows its figures
+            print(f"{text or '(defaults)'}: " + ", ".join(f"{k} {figures[k]:.4g}" for k in keys), flush=True)
     for k in keys:
         print(f"\n{k}:\n| setting | " + " | ".join(f"round {r + 1}" for r in range(args.rounds)) + " | min |")
         print("| --- " * (args.rounds + 2) + "|")

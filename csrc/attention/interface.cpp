@@ -74,6 +74,16 @@ int resolve_impl(int64_t variant, int64_t heads) {
   return static_cast<int>(variant);
 }
 
+// Whether two splits of the eager wgmma kernel merge inside it, as 2-CTA clusters (pair_splits in
+// params.h): the default; NMOE_MLA_PAIR=0 keeps the partial outputs and the combine kernel (for an
+// A/B and for the tests, which compare the two bit for bit; read on every call like NMOE_MLA_WGMMA).
+bool pair_splits(int impl, int num_splits) {
+  const char* env = std::getenv("NMOE_MLA_PAIR");
+  const std::string choice = env == nullptr ? "1" : env;
+  TORCH_CHECK(choice == "0" || choice == "1", kOp, ": NMOE_MLA_PAIR must be 0 or 1, got '", choice, "'");
+  return impl == kMlaImplWgmmaEager && num_splits == 2 && choice == "1";
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const at::Tensor& cache,
@@ -127,8 +137,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const a
   p.impl = impl;
   p.num_splits = mla_decode_num_splits(p.batch, p.heads, p.max_pages * p.page_size, sm_count(q.get_device()));
 
+  p.pair_splits = pair_splits(impl, p.num_splits) ? 1 : 0;
+
   at::Tensor part_out, part_lse;
-  if (p.num_splits > 1) {
+  if (p.num_splits > 1 && !p.pair_splits) {
     part_out = at::empty({batch, p.num_splits, heads, kLoraRank}, lse.options());
     part_lse = at::empty({batch, p.num_splits, heads}, lse.options());
     p.part_out = part_out.data_ptr<float>();

@@ -9,15 +9,16 @@
 //   out         bf16 [batch, heads, 512]      contiguous
 //   lse         fp32 [batch, heads]           contiguous, natural log; -inf for length 0
 //   part_out    fp32 [batch, splits, heads, 512], part_lse fp32 [batch, splits, heads] when splits > 1
+//               (and the splits are not paired, see pair_splits)
 // Launchers return nullptr on success, else a static message naming what failed.
 //
 // Two split kernels share the partition, the partial outputs and the combine kernel:
-//   kMlaImplMma    mma.sync m16n8k16, any head count (sm90/mla_decode_kernel.cuh), the default;
+//   kMlaImplMma    mma.sync m16n8k16, any head count (sm90/mla_decode_kernel.cuh), the default below 64 heads;
 //   kMlaImplWgmma  wgmma, 64 heads per CTA, heads >= 64 (sm90/mla_decode_wgmma.cuh), PV of the
 //                  upper 256 columns deferred behind the next tile's QK; kMlaImplWgmmaEager issues
 //                  it as soon as P is stored; kMlaImplWgmmaFenced is the deferred one with a
-//                  fence.proxy.async after each wait for cp.async data (a diagnostic). Not yet
-//                  verified on a GPU: opt-in only.
+//                  fence.proxy.async after each wait for cp.async data (a diagnostic). The
+//                  default for heads >= 64 is the eager one (interface.cpp).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -51,6 +52,10 @@ struct MlaDecodeParams {
   int64_t block_table_stride;
   float scale_log2;  // softmax_scale * log2(e): scores are kept in base 2
   int impl;          // MlaDecodeImpl: which split kernel runs
+  // 1: num_splits == 2 and the two splits of a (sequence, head block) run as one 2-CTA cluster;
+  // split 1 hands its output to split 0 through distributed shared memory and split 0 writes the
+  // combined out and lse (no partial outputs in global memory, no combine kernel). wgmma eager only.
+  int pair_splits;
 };
 
 enum MlaDecodeImpl : int { kMlaImplMma = 0, kMlaImplWgmma = 1, kMlaImplWgmmaEager = 2, kMlaImplWgmmaFenced = 3 };

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "attention/params.h"
+#include "attention/sm90/split_merge.cuh"
 #include "pdl.cuh"
 
 namespace nmoe::attention::sm90 {
@@ -370,7 +371,7 @@ __global__ void __launch_bounds__(128) mla_decode_combine_kernel(const __grid_co
   float total = 0.f;
   if (mx != -__int_as_float(0x7f800000)) {
     for (int s = 0; s < p.num_splits; ++s) {
-      const float w = exp2f((p.part_lse[base + s * p.heads] - mx) * 1.4426950408889634f);
+      const float w = split_weight(p.part_lse[base + s * p.heads], mx);
       if (w == 0.f) continue;
       total += w;
       const float4 v = *reinterpret_cast<const float4*>(p.part_out + (base + s * p.heads) * kLoraRank + col);
@@ -380,7 +381,7 @@ __global__ void __launch_bounds__(128) mla_decode_combine_kernel(const __grid_co
   const float inv = total > 0.f ? 1.f / total : 0.f;
   auto* out = static_cast<__nv_bfloat16*>(p.out) + (static_cast<int64_t>(b) * p.heads + h) * kLoraRank + col;
   *reinterpret_cast<uint2*>(out) = make_uint2(pack_bf16(acc.x * inv, acc.y * inv), pack_bf16(acc.z * inv, acc.w * inv));
-  if (threadIdx.x == 0) p.lse[static_cast<int64_t>(b) * p.heads + h] = total > 0.f ? mx + logf(total) : mx;
+  if (threadIdx.x == 0) p.lse[static_cast<int64_t>(b) * p.heads + h] = merged_lse(mx, total);
 }
 
 }  // namespace nmoe::attention::sm90

@@ -69,7 +69,7 @@ const char* mla_decode_paged_launch(const MlaDecodeParams& p, cudaStream_t strea
         break;
     }
   }
-  if (err != nullptr || p.num_splits == 1) return err;
+  if (err != nullptr || p.num_splits == 1 || p.pair_splits) return err;
   const cudaError_t launched = launch_pdl(sm90::mla_decode_combine_kernel, dim3(p.heads, p.batch), 128, 0, stream, p);
   return launched == cudaSuccess ? nullptr : "mla_decode_paged: combine kernel launch failed";
 }

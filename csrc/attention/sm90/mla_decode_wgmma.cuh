@@ -1,8 +1,8 @@
 // Absorbed MLA decode over the paged latent cache with Hopper `wgmma`, for 64 heads per CTA (the
-// compute-bound case, H >= 64). NOT YET VERIFIED ON A GPU: the dispatcher runs it only when asked
-// (NMOE_MLA_WGMMA=1/2/3 or an explicit variant, see interface.cpp); mla_decode_kernel.cuh
-// (mma.sync) stays the default. Same split-KV partition, same partial outputs and the same combine
-// kernel as the mma.sync path. The layouts, descriptors and fragment maps below were checked on the
+// compute-bound case, H >= 64): the default there with the eager schedule (interface.cpp; tested on
+// the H200, docs/kernels.md). Same split-KV partition, same partial outputs and the same combine
+// kernel as the mma.sync path, except that two splits of the eager schedule merge in the kernel, as
+// a 2-CTA cluster (merge_pair below). The layouts, descriptors and fragment maps below were checked on the
 // host against CuTe (tile_to_shape of GMMA::Layout_{K,MN}_SW128_Atom, make_gmma_desc, CLayout_64xN,
 // ALayout_64x16); the barrier protocol against a randomized-interleaving model.
 //
@@ -82,6 +82,7 @@
 #include <cstdint>
 
 #include "attention/params.h"
+#include "attention/sm90/split_merge.cuh"
 #include "pdl.cuh"
 
 namespace nmoe::attention::sm90_wgmma {
@@ -101,7 +102,13 @@ constexpr int kSmemP = kSmemKv + 2 * kTileBytes;
 constexpr int kSmemBar = kSmemP + kBlockBytes;  // full_e[2], full_l[2], empty_e[2]
 constexpr int kSmemAlpha = kSmemBar + 8 * 8;
 constexpr int kSmemInv = kSmemAlpha + kHeads * 4;
-constexpr int kSmemUsed = kSmemInv + kHeads * 4;
+constexpr int kSmemLse = kSmemInv + kHeads * 4;  // this CTA's lse per head (paired splits)
+constexpr int kSmemUsed = kSmemLse + kHeads * 4;
+// Paired splits: split 1's normalized output (64 x 512 fp32) and lse, received by split 0 in its KV
+// stages (free once its tile loop is done).
+constexpr int kSmemPartnerOut = kSmemKv;
+constexpr int kSmemPartnerLse = kSmemPartnerOut + kHeads * kLoraRank * 4;
+static_assert(kSmemPartnerLse + kHeads * 4 <= kSmemP, "the partner's output fits in the KV stages");
 constexpr int kSmemBytes = kSmemUsed + 1024;  // slack to align the base to 1024 bytes
 static_assert(kSmemBytes <= 232448, "over the sm90 opt-in shared-memory limit");
 
@@ -155,6 +162,25 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// All threads of the cluster: release this thread's earlier (distributed) shared-memory writes,
+// acquire the others'.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// The address of this CTA's shared-memory location `addr` in the CTA of cluster rank `rank`.
+__device__ __forceinline__ uint32_t cluster_peer(uint32_t addr, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ void st_cluster(uint32_t addr, float4 v) {
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ void st_cluster(uint32_t addr, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+}
+
 // The cache tiles come from cp.async and complete on an mbarrier; like CUTLASS's cp.async + GMMA
 // mainloops, the consumers issue wgmma right after the mbarrier wait, without a proxy fence (it
 // costs a MEMBAR.ALL.CTA, and WG1 has its own cp.async in flight at that point). kFence (variant
@@ -344,15 +370,16 @@ __device__ __forceinline__ void issue_qk(float (&s)[32], uint32_t q_smem, uint32
 }
 
 // Writes this thread's part of a 64 x 256 output half: rows 16w + g (+8), columns col0 + 8j + 2q.
+// final_out: the bf16 out, else this split's fp32 partial.
 __device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float (&o)[128], int b, int split,
-                                          int h0, int row0, int col0, float inv0, float inv1) {
+                                          int h0, int row0, int col0, float inv0, float inv1, bool final_out) {
   const int q4 = threadIdx.x % 4;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int h = h0 + row0 + 8 * hh;
     if (h >= p.heads) continue;
     const float inv = hh ? inv1 : inv0;
-    if (p.num_splits == 1) {
+    if (final_out) {
       auto* out = static_cast<__nv_bfloat16*>(p.out) + (static_cast<int64_t>(b) * p.heads + h) * kLoraRank + col0;
 #pragma unroll
       for (int j = 0; j < 32; ++j)
@@ -366,7 +393,59 @@ __device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float 
   }
 }
 
-template <bool kDefer, bool kFence>
+// Paired splits (both splits of this sequence hold tiles): split 1 sends its normalized output and
+// lse into split 0's free KV stages; split 0 merges them with its own as the combine kernel merges
+// two partials (split_weight, merged_lse, the same operations in the same order: the same bits)
+// and writes out and lse. Every thread of both CTAs calls it (two cluster barriers). The cluster
+// is (1, 2, 1) over the grid's split dimension, so the cluster rank is the split.
+__device__ __forceinline__ void merge_pair(const MlaDecodeParams& p, float (&o)[128], const uint8_t* smem,
+                                           uint32_t sbase, int b, int split, int h0, int row0, int col0,
+                                           float inv0, float inv1, bool lse_writer) {
+  const int tid = threadIdx.x;
+  const float* s_lse = reinterpret_cast<const float*>(smem + kSmemLse);
+  cluster_sync();  // split 0 is done with its stages; both CTAs' s_lse are written
+  if (split == 1) {
+    const uint32_t dst = cluster_peer(sbase + kSmemPartnerOut, 0);
+#pragma unroll
+    for (int j = 0; j < 32; ++j)  // thread-interleaved 16-byte slots: a warp's stores are contiguous
+      st_cluster(dst + (j * kThreads + tid) * 16,
+                 make_float4(o[4 * j] * inv0, o[4 * j + 1] * inv0, o[4 * j + 2] * inv1, o[4 * j + 3] * inv1));
+    if (tid < kHeads) st_cluster(cluster_peer(sbase + kSmemPartnerLse, 0) + tid * 4, s_lse[tid]);
+  }
+  cluster_sync();  // split 1's output has landed in split 0
+  if (split == 1) return;
+  const auto* part = reinterpret_cast<const float4*>(smem + kSmemPartnerOut);
+  const auto* part_lse = reinterpret_cast<const float*>(smem + kSmemPartnerLse);
+  float w_own[2], w_part[2], inv_total[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + 8 * hh;
+    const float mx = fmaxf(fmaxf(-__int_as_float(0x7f800000), s_lse[row]), part_lse[row]);
+    w_own[hh] = split_weight(s_lse[row], mx), w_part[hh] = split_weight(part_lse[row], mx);
+    float total = 0.f;
+    if (w_own[hh] != 0.f) total += w_own[hh];
+    if (w_part[hh] != 0.f) total += w_part[hh];
+    inv_total[hh] = total > 0.f ? 1.f / total : 0.f;
+    if (lse_writer && h0 + row < p.heads) p.lse[static_cast<int64_t>(b) * p.heads + h0 + row] = merged_lse(mx, total);
+  }
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const float4 v = part[j * kThreads + tid];
+    const float pv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int hh = e >> 1;
+      const float own = o[4 * j + e] * (hh ? inv1 : inv0);
+      float acc = 0.f;
+      if (w_own[hh] != 0.f) acc += w_own[hh] * own;
+      if (w_part[hh] != 0.f) acc += w_part[hh] * pv[e];
+      o[4 * j + e] = acc;
+    }
+  }
+  store_out(p, o, b, 0, h0, row0, col0, inv_total[0], inv_total[1], true);
+}
+
+template <bool kDefer, bool kFence, bool kPair>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __grid_constant__ MlaDecodeParams p) {
   pdl_enter();  // first: see csrc/pdl.cuh
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -388,18 +467,23 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   const int t_begin = split * per_split;
   const int n = min(ntiles, t_begin + per_split) - t_begin;
   const float ninf = -__int_as_float(0x7f800000);
+  // Paired splits exchange only when split 1 holds tiles; otherwise split 0 has the whole sequence
+  // and writes the final out and lse itself, and split 1 (empty) writes nothing.
+  const bool exchange = kPair && ntiles > per_split;
+  const bool final_out = p.num_splits == 1 || (kPair && !exchange);
 
   if (n <= 0) {  // empty split (or empty sequence): zeros and -inf
+    if (kPair && split == 1) return;
     for (int i = tid; i < kHeads * kLoraRank; i += kThreads) {
       const int h = h0 + i / kLoraRank, c = i % kLoraRank;
       if (h >= p.heads) continue;
-      if (p.num_splits == 1)
+      if (final_out)
         static_cast<__nv_bfloat16*>(p.out)[(static_cast<int64_t>(b) * p.heads + h) * kLoraRank + c] = __float2bfloat16(0.f);
       else
         p.part_out[((static_cast<int64_t>(b) * p.num_splits + split) * p.heads + h) * kLoraRank + c] = 0.f;
     }
     if (tid < kHeads && h0 + tid < p.heads) {
-      if (p.num_splits == 1)
+      if (final_out)
         p.lse[static_cast<int64_t>(b) * p.heads + h0 + tid] = ninf;
       else
         p.part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.heads + h0 + tid] = ninf;
@@ -550,13 +634,22 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;  // l >= 1: the max element contributes 2^0
     if (q4 == 0) {
       s_inv[row0] = inv0, s_inv[row1] = inv1;
-      float* lse_out = p.num_splits == 1 ? p.lse + static_cast<int64_t>(b) * p.heads
-                                         : p.part_lse + (static_cast<int64_t>(b) * p.num_splits + split) * p.heads;
-      if (h0 + row0 < p.heads) lse_out[h0 + row0] = m0 * 0.6931471805599453f + logf(l0);
-      if (h0 + row1 < p.heads) lse_out[h0 + row1] = m1 * 0.6931471805599453f + logf(l1);
+      const float lse0 = m0 * 0.6931471805599453f + logf(l0), lse1 = m1 * 0.6931471805599453f + logf(l1);
+      if (exchange) {
+        float* s_lse = reinterpret_cast<float*>(smem + kSmemLse);
+        s_lse[row0] = lse0, s_lse[row1] = lse1;
+      } else {
+        float* lse_out = final_out ? p.lse + static_cast<int64_t>(b) * p.heads
+                                   : p.part_lse + (static_cast<int64_t>(b) * p.num_splits + split) * p.heads;
+        if (h0 + row0 < p.heads) lse_out[h0 + row0] = lse0;
+        if (h0 + row1 < p.heads) lse_out[h0 + row1] = lse1;
+      }
     }
     named_arrive(kNbEpilogue, kConsumers);
-    store_out(p, o, b, split, h0, row0, 0, inv0, inv1);
+    if (exchange)
+      merge_pair(p, o, smem, sbase, b, split, h0, row0, 0, inv0, inv1, q4 == 0);
+    else
+      store_out(p, o, b, split, h0, row0, 0, inv0, inv1, final_out);
   } else {
     // ---------------- WG1: O[:, 256:512] and the cache loads ----------------
     const int wt = tid - 128;
@@ -599,7 +692,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
       if (refill) load_late(rows, stage, wt, bars, st);
     }
     named_sync(kNbEpilogue, kConsumers);
-    store_out(p, o, b, split, h0, row0, 256, s_inv[row0], s_inv[row1]);
+    if (exchange)
+      merge_pair(p, o, smem, sbase, b, split, h0, row0, 256, s_inv[row0], s_inv[row1], false);
+    else
+      store_out(p, o, b, split, h0, row0, 256, s_inv[row0], s_inv[row1], final_out);
   }
 #endif
 }

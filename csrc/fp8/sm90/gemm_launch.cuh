@@ -17,8 +17,6 @@
 
 #include <cuda_runtime.h>
 
-#include <type_traits>
-
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/device_kernel.h>  // CUTLASS_GRID_CONSTANT
@@ -27,24 +25,12 @@
 
 namespace nmoe::fp8::sm90 {
 
-// No prologue: the plain GEMMs.
-struct NoPrologue {
-  __device__ void operator()() const {}
-};
-
-// `prologue()` runs in every thread of every CTA after the wait and before the GEMM (a
-// __syncthreads between): the grouped GEMMs write their per-group arrays there (grouped_gemm.cuh).
-template <class Kernel, class Prologue>
+template <class Kernel>
 __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksPerMultiprocessor)
-    gemm_after_previous_grid(CUTLASS_GRID_CONSTANT typename Kernel::Params const params,
-                             CUTLASS_GRID_CONSTANT Prologue const prologue) {
+    gemm_after_previous_grid(CUTLASS_GRID_CONSTANT typename Kernel::Params const params) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");  // every warp, the scale loader included
 #endif
-  if constexpr (!std::is_same_v<Prologue, NoPrologue>) {
-    prologue();
-    __syncthreads();  // the CTA's writes are visible to all its threads (and it reads only its own)
-  }
   extern __shared__ char smem[];
   Kernel op;
   op(params, smem);
@@ -52,33 +38,21 @@ __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksP
 
 // Launches the kernel of an initialized GemmUniversalAdapter on `stream` (the cluster shape of its
 // dispatch policy; the PDL attribute unless NMOE_PDL=0). nullptr, or what failed.
-template <class Gemm, class Prologue = NoPrologue>
-const char* launch_gemm(const Gemm& gemm, cudaStream_t stream, const Prologue& prologue = {}) {
+template <class Gemm>
+const char* launch_gemm(const Gemm& gemm, cudaStream_t stream) {
   using Kernel = typename Gemm::GemmKernel;
   using Cluster = typename Kernel::DispatchPolicy::ClusterShape;
   using Params = typename Kernel::Params;
-  void (*kernel)(Params, Prologue) = gemm_after_previous_grid<Kernel, Prologue>;
+  void (*kernel)(Params) = gemm_after_previous_grid<Kernel>;
   constexpr int smem = Kernel::SharedStorageSize;
   static const cudaError_t configured =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (configured != cudaSuccess) return "fp8 gemm: setting the kernel's shared memory size failed";
 
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cute::size<0>(Cluster{});
-  attr[0].val.clusterDim.y = cute::size<1>(Cluster{});
-  attr[0].val.clusterDim.z = cute::size<2>(Cluster{});
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  Params params = gemm.params();  // a mutable copy: cudaLaunchKernelEx takes the arguments' addresses
-  config.gridDim = Kernel::get_grid_shape(params);
-  config.blockDim = Kernel::get_block_shape();
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = pdl_enabled() ? 2 : 1;
-  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, params, prologue);
+  const Params params = gemm.params();
+  const dim3 cluster(cute::size<0>(Cluster{}), cute::size<1>(Cluster{}), cute::size<2>(Cluster{}));
+  const cudaError_t launched = launch_pdl_clusters(kernel, Kernel::get_grid_shape(params), cluster,
+                                                   Kernel::get_block_shape(), smem, stream, params);
   return launched == cudaSuccess ? nullptr : "fp8 gemm: CUTLASS kernel launch failed";
 }
 

@@ -6,7 +6,7 @@
 // One CUTLASS 3.x ptr-array kernel (TMA, warp-specialized, FP8 wgmma with fp32 promotion of every
 // 128-deep K block by its A and B scales) serves all three row layouts: dense (one group),
 // contiguous (prefill: tokens sorted by expert) and masked (decode: fixed max_m rows per expert).
-// A one-block kernel (or, with NMOE_GROUP_ARRAYS=gemm, every CTA of the GEMM itself first) turns
+// A one-block kernel turns
 // offsets / counts into the per-group problem shapes and pointers on the device, and the
 // persistent group scheduler reads them there, so the whole op makes no host
 // synchronisation and can be captured in a CUDA graph.
@@ -238,30 +238,13 @@ __device__ __forceinline__ void write_group_arrays(const GroupedGemmParams& p, c
   }
 }
 
-// The default: the arrays by a one-block kernel of their own before the GEMM.
+// The arrays by a one-block kernel of their own before the GEMM. (Writing them in every CTA of the
+// GEMM after its dependency wait instead, which saves the launch, measured 0.2 ms slower per decode
+// step on the H200, 2026-12-02: docs/kernels.md.)
 template <class G>
 __global__ void build_group_arrays(GroupedGemmParams p, typename G::GroupArrays g) {
   pdl_enter();  // first: see csrc/pdl.cuh
   write_group_arrays<G>(p, g, threadIdx.x, blockDim.x);
-}
-
-// NMOE_GROUP_ARRAYS=gemm: every CTA of the GEMM writes the arrays itself after its dependency
-// wait, all CTAs the same values to the same addresses, so whatever interleaving of the identical
-// writes a CTA reads, it reads its own values; this saves a launch and its grid's drain per call.
-// Correct on the H200 (the GEMM tests pass under it) but not yet timed, hence not the default.
-template <class G>
-struct GroupArraysPrologue {
-  GroupedGemmParams p;
-  typename G::GroupArrays g;
-  __device__ void operator()() const { write_group_arrays<G>(p, g, threadIdx.x, blockDim.x); }
-};
-
-inline bool group_arrays_in_gemm() {
-  static const bool in_gemm = [] {
-    const char* v = std::getenv("NMOE_GROUP_ARRAYS");
-    return v != nullptr && std::strcmp(v, "gemm") == 0;
-  }();
-  return in_gemm;
 }
 
 template <int TileM, int TileN, bool Pingpong, int ClusterM, int ClusterN, bool SwapAB>
@@ -270,11 +253,8 @@ const char* GroupedGemm<TileM, TileN, Pingpong, ClusterM, ClusterN, SwapAB>::run
   char* base = static_cast<char*>(p.workspace);
   GroupArrays g;
   const size_t arrays_bytes = group_arrays_bytes(p.num_groups, base, &g);
-  const bool in_gemm = group_arrays_in_gemm();
-  if (!in_gemm) {
-    const cudaError_t launched = launch_pdl(build_group_arrays<GroupedGemm>, 1, 256, 0, stream, p, g);
-    if (launched != cudaSuccess) return "grouped_gemm_sm90: launching build_group_arrays failed";
-  }
+  const cudaError_t launched = launch_pdl(build_group_arrays<GroupedGemm>, 1, 256, 0, stream, p, g);
+  if (launched != cudaSuccess) return "grouped_gemm_sm90: launching build_group_arrays failed";
 
   typename Gemm::Arguments args = make_arguments(p, g);
   Gemm gemm;
@@ -282,9 +262,7 @@ const char* GroupedGemm<TileM, TileN, Pingpong, ClusterM, ClusterN, SwapAB>::run
   if (gemm.initialize(args, base + arrays_bytes, stream) != cutlass::Status::kSuccess) {
     return "grouped_gemm_sm90: CUTLASS initialize failed";
   }
-  // with programmatic dependent launch: gemm_launch.cuh
-  if (in_gemm) return launch_gemm(gemm, stream, GroupArraysPrologue<GroupedGemm>{p, g});
-  return launch_gemm(gemm, stream);
+  return launch_gemm(gemm, stream);  // with programmatic dependent launch: gemm_launch.cuh
 }
 
 }  // namespace nmoe::fp8::sm90

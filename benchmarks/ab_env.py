@@ -6,7 +6,7 @@ so that drift of the machine shows as spread within a setting rather than as a d
 settings. The benchmark's last line (its JSON figures) is parsed; a table of the chosen figures per
 setting and round is printed, then one JSON line {setting: {key: [value per round]}}.
 
-    python benchmarks/ab_env.py --set "NMOE_SPLITK_FOLD=0" --set "NMOE_SPLITK_FOLD=1" [--rounds 2] \\
+    python benchmarks/ab_env.py --set "NMOE_MLA_PAIR=1" --set "NMOE_MLA_PAIR=0" [--rounds 2] \\
         [--module nmoe.serve.benchmark_lmsys_e2e] [--keys decode_step_ms,decode_floor_ratio] \\
         -- --device cuda --random-weights --simulate-world-size 8 --prefill-requests 1 --prefill-lens 1024
 """

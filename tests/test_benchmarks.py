@@ -283,33 +283,6 @@ def test_side_stream_is_bitwise_the_single_stream(monkeypatch, tmp_path):
     assert [o.logprobs for o in on] == [o.logprobs for o in off]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_splitk_fold_is_bitwise_the_reduction(monkeypatch, tmp_path, device):
-    """FP8 engine: the q_a norm, the KV append and the post-attention norm reading their split
-    GEMMs' partial products (NMOE_SPLITK_FOLD=1) give bitwise the tokens and logprobs of reducing
-    them first (=0). On the CPU every GEMM is one slice: the plumbing is what is checked there."""
-    import dataclasses
-
-    from nmoe.serve import model as model_mod
-    from nmoe.serve.ckpt import make_tiny
-
-    make_tiny(str(tmp_path), seed=3, hidden_size=256, q_lora_rank=128, intermediate_size=384,
-              moe_intermediate_size=128)
-    runs, folded = [], []
-    real = model_mod.fp8_gemm_partials
-    monkeypatch.setattr(model_mod, "fp8_gemm_partials", lambda *a: folded.append(1) or real(*a))
-    for fold in (1, 0):
-        monkeypatch.setattr(model_mod, "ENV", dataclasses.replace(model_mod.ENV, splitk_fold=fold))
-        runs.append(_greedy_tiny(device, "fp8", max_tokens=8 if device == "cuda" else 3, ckpt=str(tmp_path)))
-        if fold:
-            assert folded, "no GEMM's partial products were read by their consumers"
-            folded.clear()
-    assert not folded, "NMOE_SPLITK_FOLD=0 still read partial products"
-    assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]
-    assert [o.logprobs for o in runs[0]] == [o.logprobs for o in runs[1]]
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_absorb_kernels_match_batched_matmuls_in_the_engine(monkeypatch, tmp_path):
     """An FP8 engine with DeepSeek-V3's MLA widths (nope = v = 128, latent 512, rope 64) on CUDA:

@@ -234,33 +234,3 @@ def test_quant_fp8_act_rows_and_head_view_on_cpu():
     q, s = quant_fp8_act(o.transpose(0, 1))
     rq, rs = quant_fp8_act_ref(o.transpose(0, 1).reshape(9, 256))
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
-
-
-def test_splitk_partials_are_read_as_their_sum_on_cpu():
-    """SplitK: the norms and the KV append on the partial products equal them on splitk_sum, which
-    sums in fp32 in slice order from zero and rounds once (one slice: the slice itself)."""
-    from nmoe.serve.ops.fp8 import SplitK, splitk_sum
-    from nmoe.serve.ops.kv import kv_norm_rope_append
-    from nmoe.serve.ops.norm import add_rms_norm_quant, rms_norm_quant
-
-    g = torch.Generator().manual_seed(9)
-    parts = torch.randn(3, 5, 256, generator=g).to(torch.bfloat16)
-    want = (parts[0].float() + parts[1].float() + parts[2].float()).to(torch.bfloat16)
-    assert torch.equal(splitk_sum(parts), want) and splitk_sum(parts[:1]) is not None
-    assert torch.equal(splitk_sum(parts[:1]), parts[0])
-    sk = SplitK(parts)
-    assert sk.shape == (5, 256) and sk.dim() == 2
-    lo, hi = sk.split([128, 128])
-    assert torch.equal(lo.value(), want[:, :128]) and torch.equal(hi.value(), want[:, 128:])
-    w = torch.rand(256, generator=g).to(torch.bfloat16) + 0.5
-    for a, b in zip(rms_norm_quant(sk, w, 1e-6), rms_norm_quant(want, w, 1e-6)):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-    r = torch.randn(5, 256, generator=g).to(torch.bfloat16)
-    for a, b in zip(add_rms_norm_quant(sk, r, w, 1e-6), add_rms_norm_quant(want, r, w, 1e-6)):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-    caches = [torch.zeros(2, 4, 256, dtype=torch.bfloat16) for _ in range(2)]
-    loc = torch.tensor([0, 3, 5, 6, 7])
-    angles = torch.rand(5, 32, generator=g)
-    kv_norm_rope_append(caches[0], loc, sk, w[:192], 1e-6, angles.cos(), angles.sin())
-    kv_norm_rope_append(caches[1], loc, want, w[:192], 1e-6, angles.cos(), angles.sin())
-    assert torch.equal(caches[0], caches[1])

@@ -199,22 +199,18 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_quant_fp8(const at::Tensor& x) {
   return {q, s};
 }
 
-namespace {
-
-// fp8_gemm, its K slices summed (reduce) or left as bf16 partial products [slices, m, n].
-at::Tensor dense_fp8_gemm(const char* op, const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w,
-                          const at::Tensor& ws, bool reduce) {
+at::Tensor fp8_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& ws) {
+  constexpr const char* op = "fp8_gemm";
   check_tensor(op, "xq", xq, at::kFloat8_e4m3fn, 2);
   check_tensor(op, "xs", xs, at::kFloat, 2);
   const auto [n, k] = check_gemm_operands(op, xq, xs, w, ws, /*grouped=*/false);
   const int64_t m = xq.size(0);
   check_int32(op, "m", m);
-  const auto as_partials = [&](const at::Tensor& t) { return reduce ? t : t.unsqueeze(0); };
   at::Tensor out = at::empty({m, n}, xq.options().dtype(at::kBFloat16));
-  if (m == 0) return as_partials(out);
+  if (m == 0) return out;
   if (m > kDenseMaxRows || gemm_config_forced()) {
     launch_grouped(xq, xs, w, ws, out, GroupLayout::kDense, 1, m, n, k, nullptr, nullptr);
-    return as_partials(out);
+    return out;
   }
   // decode-sized: the dense kernel, its K cut into slices (bf16 partial products, then their fp32 sum)
   const c10::cuda::CUDAGuard guard(xq.device());
@@ -235,22 +231,11 @@ at::Tensor dense_fp8_gemm(const char* op, const at::Tensor& xq, const at::Tensor
       at::empty({static_cast<int64_t>(dense_gemm_workspace_bytes_sm90(p))}, xq.options().dtype(at::kByte));
   p.workspace = workspace.data_ptr();
   check_launch(dense_gemm_sm90(p, stream));
-  if (!reduce) return p.splits == 1 ? out.unsqueeze(0) : partials;
   if (p.splits > 1) {
     const SplitKReduceParams r{partials.data_ptr(), out.data_ptr(), m * n, p.splits};
     check_launch(splitk_reduce(r, stream));
   }
   return out;
-}
-
-}  // namespace
-
-at::Tensor fp8_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& ws) {
-  return dense_fp8_gemm("fp8_gemm", xq, xs, w, ws, /*reduce=*/true);
-}
-
-at::Tensor fp8_gemm_partials(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& ws) {
-  return dense_fp8_gemm("fp8_gemm_partials", xq, xs, w, ws, /*reduce=*/false);
 }
 
 at::Tensor grouped_fp8_gemm_contiguous(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w,

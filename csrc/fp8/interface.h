@@ -19,11 +19,6 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_quant_fp8(const at::Tensor& x);
 // xq e4m3 [m, k], xs fp32 [m, kb], w e4m3 [n, k], ws fp32 [nb, kb] -> bf16 [m, n].
 at::Tensor fp8_gemm(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& ws);
 
-// fp8_gemm without its split-K reduction: bf16 [slices, m, n] whose fp32 sum in slice order,
-// rounded once, is fp8_gemm's output (slices = 1 where the call is not split), for the kernels that
-// read the partial products directly (fp8/generic/splitk_sum.cuh).
-at::Tensor fp8_gemm_partials(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& ws);
-
 // xq [m, k], xs [m, kb], w [e, n, k], ws [e, nb, kb], offsets int32 [e + 1] -> bf16 [m, n];
 // rows offsets[g]:offsets[g+1] use expert g, rows outside offsets[0]:offsets[e] are not written.
 at::Tensor grouped_fp8_gemm_contiguous(const at::Tensor& xq, const at::Tensor& xs, const at::Tensor& w,

@@ -7,7 +7,6 @@ TORCH_LIBRARY_FRAGMENT(nmoe, m) {
   m.def("quant_fp8_act(Tensor x, Tensor? rows=None) -> (Tensor, Tensor)");
   m.def("silu_mul_quant_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("fp8_gemm(Tensor xq, Tensor xs, Tensor w, Tensor ws) -> Tensor");
-  m.def("fp8_gemm_partials(Tensor xq, Tensor xs, Tensor w, Tensor ws) -> Tensor");
   m.def("grouped_fp8_gemm_contiguous(Tensor xq, Tensor xs, Tensor w, Tensor ws, Tensor offsets) -> Tensor");
   m.def("grouped_fp8_gemm_masked(Tensor xq, Tensor xs, Tensor w, Tensor ws, Tensor counts) -> Tensor");
   // Benchmark/test knobs (no tensors, so one kernel for every backend).
@@ -20,7 +19,6 @@ TORCH_LIBRARY_IMPL(nmoe, CUDA, m) {
   m.impl("quant_fp8_act", &nmoe::fp8::quant_fp8_act);
   m.impl("silu_mul_quant_fp8", &nmoe::fp8::silu_mul_quant_fp8);
   m.impl("fp8_gemm", &nmoe::fp8::fp8_gemm);
-  m.impl("fp8_gemm_partials", &nmoe::fp8::fp8_gemm_partials);
   m.impl("grouped_fp8_gemm_contiguous", &nmoe::fp8::grouped_fp8_gemm_contiguous);
   m.impl("grouped_fp8_gemm_masked", &nmoe::fp8::grouped_fp8_gemm_masked);
 }

@@ -102,16 +102,11 @@ void kv_append_paged(const at::Tensor& cache, const at::Tensor& out_loc, const a
   TORCH_CHECK(err == nullptr, err);
 }
 
-void kv_norm_rope_append(const at::Tensor& cache, const at::Tensor& out_loc, const at::Tensor& kv3,
+void kv_norm_rope_append(const at::Tensor& cache, const at::Tensor& out_loc, const at::Tensor& kv,
                          const at::Tensor& weight, double eps, const at::Tensor& cos, const at::Tensor& sin) {
   constexpr const char* op = "kv_norm_rope_append";
   check_cache(op, cache);
   check_index(op, "out_loc", out_loc, cache);
-  // kv [tokens, R + D], or a split-K GEMM's partial products [slices, tokens, R + D] read as their sum
-  TORCH_CHECK(kv3.dim() == 2 || (kv3.dim() == 3 && kv3.size(0) >= 1 && (kv3.size(0) == 1 || kv3.stride(0) % 8 == 0)),
-              op, ": kv must be [tokens, R + D] or [slices, tokens, R + D] with slices 16-byte vectors apart, got ",
-              fmt(kv3.sizes()), " strides ", fmt(kv3.strides()));
-  const at::Tensor kv = kv3.dim() == 3 ? kv3.select(0, 0) : kv3;
   check_tensor(op, "kv", kv, 2, cache);
   check_tensor(op, "weight", weight, 1, cache);
   check_tensor(op, "cos", cos, 2, cache);
@@ -149,8 +144,6 @@ void kv_norm_rope_append(const at::Tensor& cache, const at::Tensor& out_loc, con
   p.out_loc = out_loc.data_ptr<int64_t>();
   p.tokens = tokens;
   p.kv_stride = kv.stride(0);
-  p.kv_slices = kv3.dim() == 3 ? static_cast<int>(kv3.size(0)) : 1;
-  p.kv_slice_stride = kv3.dim() == 3 ? kv3.stride(0) : 0;
   p.rank = static_cast<int>(rank);
   p.rope = static_cast<int>(rope);
   set_cache_layout(p, cache);

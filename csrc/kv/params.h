@@ -58,8 +58,6 @@ struct KvNormRopeParams {
   const int64_t* out_loc;
   int64_t tokens;
   int64_t kv_stride;
-  int64_t kv_slice_stride;
-  int kv_slices;  // > 1: kv is a split-K GEMM's partial products, read as their sum (splitk_sum.cuh)
   int rank;
   int rope;
   int page_size;

@@ -32,15 +32,7 @@ void check_rows(const char* op, const char* name, const at::Tensor& t, const at:
               fmt(t.strides()));
 }
 
-// x [rows, h], or a split-K GEMM's partial products [slices, rows, h] read as their sum: the rows of
-// slice 0 carry the shape and strides checks, the slice stride is checked here.
-RmsNormParams fill(const char* op, const at::Tensor& x3, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x3.dim() == 2 || x3.dim() == 3, op, ": x must be [rows, h] or [slices, rows, h], got shape ",
-              fmt(x3.sizes()));
-  TORCH_CHECK(x3.dim() == 2 || (x3.size(0) >= 1 && (x3.size(0) == 1 || x3.stride(0) % 8 == 0)), op,
-              ": x's slices must be whole 16-byte vectors apart, got shape ", fmt(x3.sizes()), " strides ",
-              fmt(x3.strides()));
-  const at::Tensor x = x3.dim() == 3 ? x3.select(0, 0) : x3;
+RmsNormParams fill(const char* op, const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(op, "x", x, x);
   const int64_t h = x.size(1);
   TORCH_CHECK(h % 8 == 0 && h <= kMaxHidden, op, ": the hidden size ", std::to_string(h),
@@ -55,8 +47,6 @@ RmsNormParams fill(const char* op, const at::Tensor& x3, const at::Tensor& weigh
   p.weight = weight.data_ptr();
   p.rows = x.size(0);
   p.x_stride = x.stride(0);
-  p.x_slices = x3.dim() == 3 ? static_cast<int>(x3.size(0)) : 1;
-  p.x_slice_stride = x3.dim() == 3 ? x3.stride(0) : 0;
   p.h = static_cast<int>(h);
   p.eps = static_cast<float>(eps);
   return p;
@@ -93,15 +83,12 @@ void launch(const RmsNormParams& p) {
   TORCH_CHECK(err == nullptr, err);
 }
 
-// The [rows, h] shape of x's output (slice 0 of a split-K partials tensor).
-at::Tensor rows_of(const at::Tensor& x) { return x.dim() == 3 ? x.select(0, 0) : x; }
-
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   RmsNormParams p = fill("rms_norm", x, weight, eps);
   c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty(rows_of(x).sizes(), x.options());
+  auto out = at::empty(x.sizes(), x.options());
   p.out = out.data_ptr();
   launch(p);
   return out;
@@ -112,9 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quant(const at::Tensor& 
   constexpr const char* op = "rms_norm_quant";
   RmsNormParams p = fill(op, x, weight, eps);
   c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty(rows_of(x).sizes(), x.options());
+  auto out = at::empty(x.sizes(), x.options());
   p.out = out.data_ptr();
-  auto [q, s] = quantized_outputs(op, rows_of(x), p);
+  auto [q, s] = quantized_outputs(op, x, p);
   launch(p);
   return {out, q, s};
 }
@@ -123,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
                                                 const at::Tensor& weight, double eps) {
   RmsNormParams p = fill("add_rms_norm", x, weight, eps);
   c10::cuda::CUDAGuard guard(x.device());
-  auto outputs = add_outputs("add_rms_norm", rows_of(x), residual, p);
+  auto outputs = add_outputs("add_rms_norm", x, residual, p);
   launch(p);
   return outputs;
 }
@@ -134,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quant(co
   constexpr const char* op = "add_rms_norm_quant";
   RmsNormParams p = fill(op, x, weight, eps);
   c10::cuda::CUDAGuard guard(x.device());
-  auto [out, sum] = add_outputs(op, rows_of(x), residual, p);
-  auto [q, s] = quantized_outputs(op, rows_of(x), p);
+  auto [out, sum] = add_outputs(op, x, residual, p);
+  auto [q, s] = quantized_outputs(op, x, p);
   launch(p);
   return {out, sum, q, s};
 }

@@ -1,6 +1,5 @@
 // Plain parameters and launcher of the fused RMSNorm (kernels never see at::Tensor).
-//   x bf16 [rows, h] (row stride x_stride; with x_slices > 1 the sum of x_slices such [rows, h]
-//   partial products x_slice_stride apart, as splitk_reduce sums them), residual bf16 [rows, h] (row stride res_stride) or null,
+//   x bf16 [rows, h] (row stride x_stride), residual bf16 [rows, h] (row stride res_stride) or null,
 //   weight bf16 [h] -> out bf16 [rows, h] and, with a residual, sum bf16 [rows, h] (both contiguous):
 //   sum = bf16(x + residual); out = bf16(sum * rsqrt(mean(sum^2) + eps) * weight), in fp32;
 //   with q set also q e4m3 [rows, h] and s fp32 [rows, h / 128] = quant_fp8_act(out) (contiguous).
@@ -26,8 +25,6 @@ struct RmsNormParams {
   float* s;
   int64_t rows;
   int64_t x_stride;
-  int64_t x_slice_stride;
-  int x_slices;  // 1: x itself
   int64_t res_stride;
   int h;
   float eps;

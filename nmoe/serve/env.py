@@ -54,7 +54,6 @@ class Env:
     api_key: str  # NMOE_API_KEY
     cache_dir: str  # NMOE_CACHE_DIR
     side_stream: tuple[str, ...]  # NMOE_SIDE_STREAM: the tasks run on a second CUDA stream (side_stream.py)
-    splitk_fold: int  # NMOE_SPLITK_FOLD: 1 = norms / KV append read split GEMMs' partials; 0 (default) = reduce
 
     @classmethod
     def read(cls) -> Env:
@@ -74,7 +73,6 @@ class Env:
             api_key=_str("NMOE_API_KEY", ""),
             cache_dir=_str("NMOE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "nmoe")),
             side_stream=_names("NMOE_SIDE_STREAM", "shared"),
-            splitk_fold=_int("NMOE_SPLITK_FOLD", 0),
         )
 
 

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmoe.serve.config import ModelConfig
-from nmoe.serve.env import ENV
 from nmoe.serve.host_copy import to_device
 from nmoe.serve.ops.attention import mla_absorb_out, mla_absorb_q, mla_decode_paged
-from nmoe.serve.ops.fp8 import FP8, SplitK, dequant_block_fp8, fp8_gemm, fp8_gemm_partials, quant_fp8_act
+from nmoe.serve.ops.fp8 import FP8, dequant_block_fp8, fp8_gemm, quant_fp8_act
 from nmoe.serve.ops.kv import gather_context, kv_norm_rope_append
 from nmoe.serve.ops.moe import moe_align, moe_combine
 from nmoe.serve.ops.moe_gemm import grouped_fp8_gemm_contiguous, silu_mul_quant_fp8
@@ -104,18 +103,12 @@ class Linear(nn.Module):
         """FP8: `[M, in]` activations already quantized per token per 128 channels -> BF16 `[M, out]`."""
         return fp8_gemm(xq, xs, self.weight, self.weight_scale_inv)
 
-    def forward_partials(self, xq: torch.Tensor, xs: torch.Tensor) -> SplitK:
-        """`forward_quantized` before its split-K reduction (`fp8_gemm_partials`), for an op that sums
-        the partial products as it reads them (taken where NMOE_SPLITK_FOLD=1)."""
-        return fp8_gemm_partials(xq, xs, self.weight, self.weight_scale_inv)
-
 
 Quantized = tuple[torch.Tensor, torch.Tensor]  # FP8 activations: e4m3 [T, K] and fp32 scales [T, K / 128]
 
 
 def _norm_project(norm: RMSNorm, proj: Linear, x: torch.Tensor) -> torch.Tensor:
-    """proj(norm(x)); under FP8 with x `[T, K]` the norm's kernel also quantizes its output for proj.
-    x may be a GEMM's partial products (`SplitK`, under FP8), summed by the norm as it reads them."""
+    """proj(norm(x)); under FP8 with x `[T, K]` the norm's kernel also quantizes its output for proj."""
     if proj.weight.dtype == FP8 and x.dim() == 2 and x.shape[0] > 0:
         _, q, s = rms_norm_quant(x, norm.weight, norm.eps)
         return proj.forward_quantized(q, s)
@@ -126,8 +119,7 @@ def _add_norm(
     norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, quantize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, Quantized | None]:
     """(`norm(x + residual)`, `x + residual`, the first's FP8 quantization or None): x itself is the
-    stream without a residual (the embedding); quantized when `quantize` and x is `[T, K]`, T > 0.
-    x may be a GEMM's partial products (`SplitK`), summed by the norm as it reads them."""
+    stream without a residual (the embedding); quantized when `quantize` and x is `[T, K]`, T > 0."""
     quantize = quantize and x.dim() == 2 and x.shape[0] > 0
     if residual is None:
         if not quantize:
@@ -287,22 +279,15 @@ class MLA(nn.Module):
         """Whether `forward` takes x's FP8 quantization too (the fused qkv_a projection's input)."""
         return self.qkv_a_proj is not None
 
-    def _project(self, x: torch.Tensor, xq: Quantized | None = None,
-                 partials: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project(self, x: torch.Tensor, xq: Quantized | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[.., hidden]` -> queries `[.., H, qk_head_dim]` (rope part not yet rotated) and
         kv_a_proj's output `[.., R + D]` (latent not yet normalized, rope key not yet rotated).
-        `xq`: x `[T, hidden]` already quantized (`takes_fp8`), so the fused projection reads that.
-        `partials` (x `[T, hidden]`): the fused projection's outputs as its GEMM's partial products
-        (`SplitK`), which the q_a norm and the KV append sum as they read them."""
+        `xq`: x `[T, hidden]` already quantized (`takes_fp8`), so the fused projection reads that."""
         cfg = self.cfg
         if cfg.q_lora_rank is None:
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            if self.qkv_a_proj is not None and partials:
-                xq = quant_fp8_act(x.contiguous()) if xq is None else xq
-                qkv_a = self.qkv_a_proj.forward_partials(*xq)
-                q_a, kv = qkv_a.split([cfg.q_lora_rank, cfg.kv_cache_dim], dim=-1)
-            elif self.qkv_a_proj is not None:
+            if self.qkv_a_proj is not None:
                 qkv_a = self.qkv_a_proj(x) if xq is None else self.qkv_a_proj.forward_quantized(*xq)
                 q_a, kv = qkv_a.split([cfg.q_lora_rank, cfg.kv_cache_dim], dim=-1)
             else:
@@ -337,7 +322,7 @@ class MLA(nn.Module):
         """x `[T, hidden]` new tokens of the batch's sequences; writes their latents to the cache first.
         `xq`: x's FP8 quantization, where the norm before made it (`takes_fp8`)."""
         cache = batch.kv_caches[self.layer]
-        q, kv = self._project(x, xq, partials=bool(ENV.splitk_fold) and x.shape[0] > 0)
+        q, kv = self._project(x, xq)
         norm = self.kv_a_layernorm
         kv_norm_rope_append(cache, batch.out_loc, kv, norm.weight, norm.eps, batch.cos, batch.sin)
         q_nope, q_pe = self._split_q(q)
@@ -346,8 +331,6 @@ class MLA(nn.Module):
             if d == x.shape[0] and d and self.o_proj.weight.dtype == FP8:  # decode only: o_proj's input quantized
                 oq = self._decode_absorbed(q_nope, q_pe, batch.cos, batch.sin, cache, batch.block_table,
                                            batch.seq_lens, static=True, quantize=True)
-                if ENV.splitk_fold:  # summed by the post-attention norm as it reads them
-                    return self.o_proj.forward_partials(*oq)
                 return self.o_proj.forward_quantized(*oq)
             parts = []
             if d:

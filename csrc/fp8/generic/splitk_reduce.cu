@@ -1,12 +1,10 @@
 // The split-K GEMM's reduction: out = bf16(sum of the slices' bf16 partial products), summed in
 // fp32 in slice order (deterministic). Memory-bound and tiny at decode sizes (the partials of an
-// m=32 o_proj are 4 x 32 x 7168 bf16); 8 outputs per thread, 16-byte loads. Kernels that read a
-// split GEMM's output directly sum its slices the same way (splitk_sum.cuh) instead.
+// m=32 o_proj are 4 x 32 x 7168 bf16); 8 outputs per thread, 16-byte loads.
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
-#include "fp8/generic/splitk_sum.cuh"
 #include "fp8/params.h"
 #include "pdl.cuh"
 
@@ -19,8 +17,24 @@ __global__ void __launch_bounds__(kThreads) splitk_reduce_kernel(const SplitKRed
   pdl_enter();  // first: see csrc/pdl.cuh
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (v * 8 >= p.elems) return;
-  const auto* parts = static_cast<const __nv_bfloat16*>(p.partials);
-  static_cast<uint4*>(p.out)[v] = load_splitk8(parts + v * 8, p.elems, p.splits);
+  const auto* parts = static_cast<const uint4*>(p.partials);
+  const int64_t stride = p.elems / 8;
+  float acc[8] = {};
+  for (int s = 0; s < p.splits; ++s) {
+    const uint4 raw = parts[s * stride + v];
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      acc[2 * i] += f.x;
+      acc[2 * i + 1] += f.y;
+    }
+  }
+  uint4 packed;
+  __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  static_cast<uint4*>(p.out)[v] = packed;
 }
 
 }  // namespace

@@ -4,12 +4,11 @@
 // (x * rsqrt(mean(x^2) + eps) * w, one rounding to bf16); the rotation (x1 c - x2 s, x2 c + x1 s)
 // with every product and sum rounded in fp32 as torch's separate ops round them (no FMA), so the
 // rope key is bit-exact and the latent within one bf16 rounding of the reference (the sum of
-// squares is ordered differently). kv may be a split-K GEMM's partial products, read as their sum.
+// squares is ordered differently).
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
-#include "fp8/generic/splitk_sum.cuh"
 #include "kv/params.h"
 #include "pdl.cuh"
 #include "rope_pair.cuh"
@@ -37,7 +36,7 @@ __global__ void __launch_bounds__(32 * kWarps) kv_norm_rope_kernel(const KvNormR
 #pragma unroll
   for (int u = 0; u < kMaxVecPerLane; ++u) {
     const int v = lane + 32 * u;
-    raw[u] = v < vecs ? fp8::load_splitk8(src + 8 * v, p.kv_slice_stride, p.kv_slices) : make_uint4(0, 0, 0, 0);
+    raw[u] = v < vecs ? *reinterpret_cast<const uint4*>(src + 8 * v) : make_uint4(0, 0, 0, 0);
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -68,8 +67,7 @@ __global__ void __launch_bounds__(32 * kWarps) kv_norm_rope_kernel(const KvNormR
   const float* cos = p.cos + t * (p.rope / 2);
   const float* sin = p.sin + t * (p.rope / 2);
   for (int i = lane; i < p.rope / 2; i += 32) {
-    const float x1 = fp8::load_splitk1(src + p.rank + 2 * i, p.kv_slice_stride, p.kv_slices);
-    const float x2 = fp8::load_splitk1(src + p.rank + 2 * i + 1, p.kv_slice_stride, p.kv_slices);
+    const float x1 = __bfloat162float(src[p.rank + 2 * i]), x2 = __bfloat162float(src[p.rank + 2 * i + 1]);
     rotate_pair(x1, x2, cos[i], sin[i], dst + p.rank + 2 * i);
   }
 }

@@ -7,14 +7,12 @@
 // With `q` set the kernel also quantizes its bf16 output for the FP8 projection that reads it
 // (quant_fp8_act's format and bits: the 16 threads holding a 128-channel group are 16 consecutive
 // lanes of one warp, the layout of fp8/generic/group_quant.cuh), saving that projection's
-// quantization kernel: a launch and a read of the row. x may be a split-K GEMM's partial products
-// (x_slices > 1), read as their sum (fp8/generic/splitk_sum.cuh) in place of splitk_reduce's output.
+// quantization kernel: a launch and a read of the row.
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
 #include "fp8/generic/group_quant.cuh"
-#include "fp8/generic/splitk_sum.cuh"
 #include "fp8/params.h"
 #include "norm/params.h"
 #include "pdl.cuh"
@@ -54,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormParams 
 #pragma unroll
   for (int u = 0; u < kMaxVec; ++u) {
     const int v = tid + u * kThreads;
-    raw[u] = v < vecs ? fp8::load_splitk8(x + 8 * v, p.x_slice_stride, p.x_slices) : make_uint4(0, 0, 0, 0);
+    raw[u] = v < vecs ? *reinterpret_cast<const uint4*>(x + 8 * v) : make_uint4(0, 0, 0, 0);
   }
   float sumsq = 0.0f;
 #pragma unroll

@@ -7,8 +7,6 @@ In both, `real = fp8 * scale`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from nmoe.serve.ops._ext import use_cuda
@@ -81,64 +79,3 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     if use_cuda(xq, w):
         return torch.ops.nmoe.fp8_gemm(xq, xs, w, ws)
     return fp8_gemm_ref(xq, xs, w, ws)
-
-
-class SplitK(NamedTuple):
-    """A split GEMM's output as its partial products `parts` `[S, T, N]` (bf16), whose value is
-    `splitk_sum(parts)`. Shaped like that value (`shape`, `dim()`), so the ops that take one
-    (`rms_norm_quant`, `add_rms_norm(_quant)`, `kv_norm_rope_append`) read the slices and sum them
-    themselves, in place of the reduction kernel."""
-
-    parts: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.parts.shape[1:]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.parts.dtype
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.parts.is_cuda
-
-    def dim(self) -> int:
-        return self.parts.dim() - 1
-
-    def split(self, sizes: list[int], dim: int = -1) -> tuple[SplitK, ...]:
-        if dim not in (-1, self.dim() - 1):
-            raise ValueError("a SplitK splits along its last dim only")
-        return tuple(SplitK(p) for p in self.parts.split(sizes, dim=-1))
-
-    def value(self) -> torch.Tensor:
-        return splitk_sum(self.parts)
-
-
-def splitk_operand(x: torch.Tensor | SplitK) -> torch.Tensor:
-    """What a kernel taking partial products reads: x itself, or a SplitK's `[S, T, N]` parts."""
-    return x.parts if isinstance(x, SplitK) else x
-
-
-def splitk_value(x: torch.Tensor | SplitK) -> torch.Tensor:
-    """x itself, or a SplitK's summed value (the reference paths)."""
-    return x.value() if isinstance(x, SplitK) else x
-
-
-def fp8_gemm_partials(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> SplitK:
-    """`fp8_gemm` before its split-K reduction (S = 1 where the call is not split, and always off
-    the GPU), for an op that sums the partial products as it reads them."""
-    if use_cuda(xq, w):
-        return SplitK(torch.ops.nmoe.fp8_gemm_partials(xq, xs, w, ws))
-    return SplitK(fp8_gemm_ref(xq, xs, w, ws)[None])
-
-
-def splitk_sum(parts: torch.Tensor) -> torch.Tensor:
-    """Partial products `[S, ..]` -> their sum in fp32 in slice order from zero, rounded once to
-    parts's dtype: what the split-K reduction computes (csrc/fp8/generic/splitk_sum.cuh)."""
-    if parts.shape[0] == 1:  # nothing to sum: the kernels read a single slice as it is
-        return parts[0]
-    acc = torch.zeros(parts.shape[1:], dtype=torch.float32, device=parts.device)
-    for part in parts:
-        acc += part.float()
-    return acc.to(parts.dtype)

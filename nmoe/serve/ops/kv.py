@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from nmoe.serve.ops._ext import use_cuda
-from nmoe.serve.ops.fp8 import splitk_operand, splitk_value
 from nmoe.serve.ops.norm import rms_norm
 from nmoe.serve.ops.rope import apply_rope
 
@@ -35,15 +34,12 @@ def kv_append_paged(cache, out_loc, c_kv, k_pe) -> None:
 def kv_norm_rope_append(cache, out_loc, kv, weight, eps: float, cos, sin) -> None:
     """MLA's latent path into the cache: kv `[T, R + D]` (kv_a_proj's output) -> RMSNorm(kv[:, :R])
     with `weight [R]` and kv[:, R:] rotated by cos/sin `[T, D/2]`, written to slots `out_loc`.
-    On CUDA (BF16 cache) one kernel; it rounds as `rms_norm` and `apply_rope` do. kv may be a split
-    GEMM's output as its partial products (`SplitK`), which the kernel sums as it reads them."""
+    On CUDA (BF16 cache) one kernel; it rounds as `rms_norm` and `apply_rope` do."""
     r = weight.shape[0]
     fused = cache.dtype == kv.dtype == weight.dtype == torch.bfloat16 and cos.dtype == sin.dtype == torch.float32
     if fused and use_cuda(cache, out_loc, kv, weight) and r % 8 == 0 and r <= 1024 and kv.shape[-1] - r <= 128:
-        torch.ops.nmoe.kv_norm_rope_append(cache, out_loc, splitk_operand(kv), weight, float(eps), cos.contiguous(),
-                                           sin.contiguous())
+        torch.ops.nmoe.kv_norm_rope_append(cache, out_loc, kv, weight, float(eps), cos.contiguous(), sin.contiguous())
         return
-    kv = splitk_value(kv)
     c_kv, k_pe = kv.split([r, kv.shape[-1] - r], dim=-1)
     k_pe = apply_rope(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
     kv_append_paged(cache, out_loc, rms_norm(c_kv, weight, eps), k_pe)

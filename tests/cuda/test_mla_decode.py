@@ -158,7 +158,7 @@ def test_rejects_bad_inputs():
         ops.mla_decode_paged(q, cache[..., :512], table, seq_lens, 0.1)
 
 
-# ---- the wgmma kernel (forced on; the default path above stays mma.sync) ----
+# ---- the wgmma kernel, each variant forced through `variant` (the default above: eager wgmma at H >= 64) ----
 
 
 @pytest.mark.parametrize("variant", WGMMA)

@@ -76,7 +76,7 @@ int resolve_impl(int64_t variant, int64_t heads) {
 
 // Whether two splits of the eager wgmma kernel merge inside it, as 2-CTA clusters (pair_splits in
 // params.h): the default; NMOE_MLA_PAIR=0 keeps the partial outputs and the combine kernel (for an
-// A/B and for the tests, which compare the two bit for bit; read on every call like NMOE_MLA_WGMMA).
+// A/B and for the tests, which compare the two; read on every call like NMOE_MLA_WGMMA).
 bool pair_splits(int impl, int num_splits) {
   const char* env = std::getenv("NMOE_MLA_PAIR");
   const std::string choice = env == nullptr ? "1" : env;

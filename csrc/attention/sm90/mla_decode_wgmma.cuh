@@ -1,10 +1,11 @@
 // Absorbed MLA decode over the paged latent cache with Hopper `wgmma`, for 64 heads per CTA (the
 // compute-bound case, H >= 64): the default there with the eager schedule (interface.cpp; tested on
 // the H200, docs/kernels.md). Same split-KV partition, same partial outputs and the same combine
-// kernel as the mma.sync path, except that two splits of the eager schedule merge in the kernel, as
-// a 2-CTA cluster (merge_pair below). The layouts, descriptors and fragment maps below were checked on the
-// host against CuTe (tile_to_shape of GMMA::Layout_{K,MN}_SW128_Atom, make_gmma_desc, CLayout_64xN,
-// ALayout_64x16); the barrier protocol against a randomized-interleaving model.
+// kernel as the mma.sync path, except that two splits of the eager schedule merge in the kernel,
+// as a 2-CTA cluster (merge_pair below). The layouts, descriptors and fragment maps below were
+// checked on the host against CuTe (tile_to_shape of GMMA::Layout_{K,MN}_SW128_Atom,
+// make_gmma_desc, CLayout_64xN, ALayout_64x16); the barrier protocol against a randomized-interleaving
+// model.
 //
 // CTA = (block of 64 heads, KV split, sequence), 256 threads:
 //   WG0 (warps 0-3): S = Q K^T (64 heads x 64 tokens, K = 576, wgmma SS), the online softmax, and
@@ -395,8 +396,9 @@ __device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float 
 
 // Paired splits (both splits of this sequence hold tiles): split 1 sends its normalized output and
 // lse into split 0's free KV stages; split 0 merges them with its own as the combine kernel merges
-// two partials (split_weight, merged_lse, the same operations in the same order: the same bits)
-// and writes out and lse. Every thread of both CTAs calls it (two cluster barriers). The cluster
+// two partials (split_weight, merged_lse, the same operations in the same order) and writes out and
+// lse. (The results still differ from the combine path's in the last bits: ptxas contracts a few
+// multiply-adds of the tile loop differently in this instantiation.) Every thread of both CTAs calls it (two cluster barriers). The cluster
 // is (1, 2, 1) over the grid's split dimension, so the cluster rank is the split.
 __device__ __forceinline__ void merge_pair(const MlaDecodeParams& p, float (&o)[128], const uint8_t* smem,
                                            uint32_t sbase, int b, int split, int h0, int row0, int col0,

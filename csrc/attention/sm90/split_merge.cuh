@@ -1,6 +1,6 @@
 // The merge of split-KV partial results (out normalized per split, lse natural log), one definition
 // for the combine kernel (any split count, partials in global memory) and the paired wgmma kernel
-// (two splits merged through distributed shared memory), so that both give the same bits.
+// (two splits merged through distributed shared memory): the same arithmetic in both.
 #pragma once
 
 namespace nmoe::attention {

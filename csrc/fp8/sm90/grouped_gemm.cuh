@@ -6,9 +6,8 @@
 // One CUTLASS 3.x ptr-array kernel (TMA, warp-specialized, FP8 wgmma with fp32 promotion of every
 // 128-deep K block by its A and B scales) serves all three row layouts: dense (one group),
 // contiguous (prefill: tokens sorted by expert) and masked (decode: fixed max_m rows per expert).
-// A one-block kernel turns
-// offsets / counts into the per-group problem shapes and pointers on the device, and the
-// persistent group scheduler reads them there, so the whole op makes no host
+// A one-block kernel turns offsets / counts into the per-group problem shapes and pointers on the
+// device, and the persistent group scheduler reads them there, so the whole op makes no host
 // synchronisation and can be captured in a CUDA graph.
 //
 // kSwapAB computes D^T = B A^T instead: the weight rows become the MMA's M (a 64-row wgmma fed by a
@@ -31,9 +30,6 @@
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/gemm/kernel/tile_scheduler_detail.hpp>
-
-#include <cstdlib>
-#include <cstring>
 
 #include "fp8/params.h"
 #include "pdl.cuh"

@@ -332,3 +332,18 @@ def test_prefill_flops_count_matches_deepseek_active_parameters():
     # attention adds 2 x heads x (qk + v head dims) per context token and layer
     extra = forward_flops_per_token(cfg, 1000) - forward_flops_per_token(cfg, 0)
     assert extra == 2 * 1000 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+
+
+def test_engine_stream_priority_parses(monkeypatch):
+    """NMOE_ENGINE_STREAM_PRIORITY: unset or empty is None (the engine takes the device's highest),
+    an integer is taken as is, anything else is an error naming the variable."""
+    from nmoe.serve.env import Env
+
+    for value, want in (("", None), ("0", 0), ("-2", -2)):
+        monkeypatch.setenv("NMOE_ENGINE_STREAM_PRIORITY", value)
+        assert Env.read().engine_stream_priority == want
+    monkeypatch.delenv("NMOE_ENGINE_STREAM_PRIORITY")
+    assert Env.read().engine_stream_priority is None
+    monkeypatch.setenv("NMOE_ENGINE_STREAM_PRIORITY", "high")
+    with pytest.raises(ValueError, match="NMOE_ENGINE_STREAM_PRIORITY"):
+        Env.read()

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 
-def _int(name: str, default: int) -> int:
+def _int(name: str, default: int | None) -> int | None:
     v = os.environ.get(name)
     if v is None or v == "":
         return default
@@ -54,6 +54,7 @@ class Env:
     api_key: str  # NMOE_API_KEY
     cache_dir: str  # NMOE_CACHE_DIR
     side_stream: tuple[str, ...]  # NMOE_SIDE_STREAM: the tasks run on a second CUDA stream (side_stream.py)
+    engine_stream_priority: int | None  # NMOE_ENGINE_STREAM_PRIORITY: the engine stream's CUDA priority (None: highest)
 
     @classmethod
     def read(cls) -> Env:
@@ -73,6 +74,7 @@ class Env:
             api_key=_str("NMOE_API_KEY", ""),
             cache_dir=_str("NMOE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "nmoe")),
             side_stream=_names("NMOE_SIDE_STREAM", "shared"),
+            engine_stream_priority=_int("NMOE_ENGINE_STREAM_PRIORITY", None),
         )
 
 

@@ -88,3 +88,20 @@ def test_cuda_graph_steps_match_eager(model, steps, tiny_random_dir):
     # the static path attends over the block table's full width: longer fp32 reductions, whose last
     # bits BF16 activations can turn into visible (but token-preserving) logprob differences
     assert worst < 0.1
+
+
+def test_engine_stream_priority(monkeypatch):
+    """NMOE_ENGINE_STREAM_PRIORITY sets the engine stream's CUDA priority (unset: the device's
+    highest; torch clamps it to the range); the engine serves the same tokens at either end."""
+    import dataclasses
+
+    from nmoe.serve import engine as engine_mod
+
+    lowest, highest = torch.cuda.Stream.priority_range()
+    outs = {}
+    for setting, want in ((None, highest), (lowest, lowest), (-1000, highest)):  # None: the default
+        monkeypatch.setattr(engine_mod, "ENV", dataclasses.replace(engine_mod.ENV, engine_stream_priority=setting))
+        llm = _llm("cuda", "tiny", weights_format="fp32")
+        assert llm.engine.stream.priority == want, setting
+        outs[setting] = llm.generate([FIXED_PROMPTS[0][0]], SamplingParams(max_tokens=4, temperature=0.0))[0].token_ids
+    assert outs[None] == outs[lowest] == outs[-1000]

@@ -50,7 +50,6 @@ __device__ __forceinline__ void stage_tokens(const MoeGateRouteParams& p, __nv_b
 }
 
 __global__ void __launch_bounds__(kGateThreads) gate_partials_kernel(const MoeGateRouteParams p) {
-  pdl_enter();  // first: see csrc/pdl.cuh
   __shared__ __align__(16) __nv_bfloat16 xs[2][kTokenGroup][kGateSliceK];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   const int E = p.rule.experts, slice = blockIdx.y, k0 = slice * kGateSliceK;
@@ -60,6 +59,8 @@ __global__ void __launch_bounds__(kGateThreads) gate_partials_kernel(const MoeGa
 
   // The warp's 16 x 224 slice of the weight: wa[c][0] and wa[c][1] hold k [c * 32 + tig * 8, + 8) of
   // rows e_lo and e_hi - the a-fragment registers of two k16 steps (.x/.y the first, .z/.w the second).
+  // Fetched before the programmatic dependency wait (csrc/pdl.cuh): no kernel writes the weight, so
+  // the fetch overlaps the previous kernel's tail; x and the partials only after the wait.
   const auto* w = static_cast<const __nv_bfloat16*>(p.weight);
   uint4 wa[kGateSliceChunks][2];
 #pragma unroll
@@ -69,6 +70,7 @@ __global__ void __launch_bounds__(kGateThreads) gate_partials_kernel(const MoeGa
     wa[c][0] = c < chunks && e_lo < E ? load_stream(w + e_lo * static_cast<int64_t>(p.hidden) + k) : zero;
     wa[c][1] = c < chunks && e_hi < E ? load_stream(w + e_hi * static_cast<int64_t>(p.hidden) + k) : zero;
   }
+  pdl_enter();
 
   const int groups = (p.tokens + kTokenGroup - 1) / kTokenGroup;
   stage_tokens(p, xs[0], 0, k0, chunks);

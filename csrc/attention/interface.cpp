@@ -84,6 +84,16 @@ bool pair_splits(int impl, int num_splits) {
   return impl == kMlaImplWgmmaEager && num_splits == 2 && choice == "1";
 }
 
+// The wgmma kernels' rescale slack (rescale_slack in params.h): NMOE_MLA_LAZY=1 (default) keeps a row's
+// running max while a tile's max exceeds it by at most 8 (p <= 2^8 = 256, far inside bf16 and fp32
+// range), so O is rescaled only on the rare larger jumps; 0 is the exact online max (read per call).
+float rescale_slack() {
+  const char* env = std::getenv("NMOE_MLA_LAZY");
+  const std::string choice = env == nullptr ? "1" : env;
+  TORCH_CHECK(choice == "0" || choice == "1", kOp, ": NMOE_MLA_LAZY must be 0 or 1, got '", choice, "'");
+  return choice == "1" ? 8.f : 0.f;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const at::Tensor& cache,
@@ -138,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_paged(const at::Tensor& q, const a
   p.num_splits = mla_decode_num_splits(p.batch, p.heads, p.max_pages * p.page_size, sm_count(q.get_device()));
 
   p.pair_splits = pair_splits(impl, p.num_splits) ? 1 : 0;
+  p.rescale_slack = rescale_slack();
 
   at::Tensor part_out, part_lse;
   if (p.num_splits > 1 && !p.pair_splits) {

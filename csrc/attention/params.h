@@ -56,6 +56,10 @@ struct MlaDecodeParams {
   // split 1 hands its output to split 0 through distributed shared memory and split 0 writes the
   // combined out and lse (no partial outputs in global memory, no combine kernel). wgmma eager only.
   int pair_splits;
+  // wgmma kernels: a row's running max stays while a tile's max exceeds it by at most this much
+  // (base 2; 0 = the exact online max), and O is rescaled only when some row's max moves (see
+  // "Online softmax" in sm90/mla_decode_wgmma.cuh). NMOE_MLA_LAZY: 1 (default) = 8, 0 = 0.
+  float rescale_slack;
 };
 
 enum MlaDecodeImpl : int { kMlaImplMma = 0, kMlaImplWgmma = 1, kMlaImplWgmmaEager = 2, kMlaImplWgmmaFenced = 3 };

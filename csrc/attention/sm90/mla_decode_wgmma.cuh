@@ -73,9 +73,14 @@
 //   only WG1's iteration t-1 (P_FREE(t-1), the loads of tile t+1).
 //
 // Online softmax (base 2): s = S * scale * log2(e), masked to -inf past the end; m' = max(m,
-// rowmax s); alpha = 2^(m - m') (0 on the first tile, m = -inf); p = 2^(s - m'); l = alpha l +
-// sum p; O = alpha O + P V with P rounded to bf16. Every tile of a split holds at least one valid
-// token, so m' is finite after the first tile; padded heads (>= H) have zero Q rows, S = 0.
+// rowmax s), except that m stays (m' = m) while max(m, rowmax s) - m <= p.rescale_slack (8 by
+// default: then p <= 2^8, exact in its exponent for bf16 and nowhere near fp32's range; 0 gives the
+// exact online max); alpha = 2^(m - m') (exactly 1 where m stays, 0 on the first tile, m = -inf);
+// p = 2^(s - m'); l = alpha l + sum p; O = alpha O + P V with P rounded to bf16. A warp skips the
+// 128 multiplies of O's rescale when all its rows kept their max, which after the first tiles is
+// nearly always (the lse, m ln 2 + ln l, is the same whichever m the sums were taken against).
+// Every tile of a split holds at least one valid token, so m' is finite after the first tile;
+// padded heads (>= H) have zero Q rows, S = 0.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -567,7 +572,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float a0 = ex2(m0 - mx0), a1 = ex2(m1 - mx1);  // 0 on the first tile (m = -inf)
+      // lazy rescale: the running max stays while the tile's exceeds it by at most the slack
+      // (m = -inf on the first tile: inf > slack, so the first max is always taken)
+      const bool keep0 = mx0 - m0 <= p.rescale_slack, keep1 = mx1 - m1 <= p.rescale_slack;
+      if (keep0) mx0 = m0;
+      if (keep1) mx1 = m1;
+      const float a0 = keep0 ? 1.f : ex2(m0 - mx0), a1 = keep1 ? 1.f : ex2(m1 - mx1);  // 0 on the first tile
       m0 = mx0, m1 = mx1;
       float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
@@ -589,8 +599,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
         pa[kk][2] = pack_bf16(x[8 * kk + 4], x[8 * kk + 5]);
         pa[kk][3] = pack_bf16(x[8 * kk + 6], x[8 * kk + 7]);
       }
+      // O is rescaled only where a row of the warp moved its max (O is still zero on the first tile)
+      if (i > 0 && __any_sync(0xffffffffu, !(keep0 && keep1))) {
 #pragma unroll
-      for (int j = 0; j < 32; ++j) o[4 * j] *= a0, o[4 * j + 1] *= a0, o[4 * j + 2] *= a1, o[4 * j + 3] *= a1;
+        for (int j = 0; j < 32; ++j) o[4 * j] *= a0, o[4 * j + 1] *= a0, o[4 * j + 2] *= a1, o[4 * j + 3] *= a1;
+      }
 
       // O[:, 0:256] += P V[:, 0:256] (column blocks 0-3 of this stage)
       wgmma_fence();
@@ -672,9 +685,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
       named_sync(kNbPFull, kConsumers);                 // P(t), alpha(t) stored (so S(t) is done)
       mbar_wait(bars + (kFullLate + st) * 8, parity);   // V[:, 256:512] of tile t landed
       consumer_fence<kFence>();
-      const float a0 = s_alpha[row0], a1 = s_alpha[row1];
+      const float a0 = s_alpha[row0], a1 = s_alpha[row1];  // exactly 1 where WG0 kept the max
+      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
-      for (int j = 0; j < 32; ++j) o[4 * j] *= a0, o[4 * j + 1] *= a0, o[4 * j + 2] *= a1, o[4 * j + 3] *= a1;
+        for (int j = 0; j < 32; ++j) o[4 * j] *= a0, o[4 * j + 1] *= a0, o[4 * j + 2] *= a1, o[4 * j + 3] *= a1;
+      }
       wgmma_fence();
       const uint64_t dv = opaque(desc_mn_sw128(stage + 4 * kBlockBytes));
       const uint64_t dp = opaque(desc_k_sw128(p_smem));

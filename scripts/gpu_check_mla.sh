@@ -22,9 +22,6 @@ out=${MLA_CHECK_OUT:-/tmp/gpu_check_mla}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset NMOE_MLA_WGMMA  # the tests pick the kernel explicitly (and set the variable where they test it)
-start=$SECONDS
-left() { echo $((budget - (SECONDS - start))); }
-declare -a results=()
 
 "$py" - <<'PY' || { echo "gpu_check_mla: nmoe._C is missing or predates the wgmma kernel: build it first"; exit 1; }
 import torch
@@ -35,31 +32,7 @@ assert "variant" in schema, schema
 print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {schema}")
 PY
 
-# step NAME LIMIT CMD...: runs CMD under min(LIMIT, what is left) seconds, logs to $out/NAME.log
-step() {
-  local name=$1 limit=$2 rc t0=$SECONDS
-  shift 2
-  local avail
-  avail=$(left)
-  [ "$limit" -gt "$avail" ] && limit=$avail
-  if [ "$limit" -lt 20 ]; then
-    results+=("| $name | skipped (time budget) | |")
-    return 99
-  fi
-  echo "=== $name (limit ${limit}s): $*"
-  timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
-  rc=${PIPESTATUS[0]}
-  local verdict
-  case $rc in
-    0) verdict=ok ;;
-    124 | 137) verdict="TIMEOUT after ${limit}s (hang?)" ;;
-    *) verdict="FAILED rc=$rc" ;;
-  esac
-  local last
-  last=$(grep -E "passed|failed|error|skipped" "$out/$name.log" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//')
-  results+=("| $name | $verdict | ${last:-} ($((SECONDS - t0)) s) |")
-  return "$rc"
-}
+source scripts/steps.sh  # step NAME LIMIT CMD..., left, results
 
 T=tests/cuda/test_mla_decode.py
 if step smoke 150 "$py" -m pytest -q -x "$T" -k wgmma_smoke; then

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One device call's worth of checks on a fresh GPU machine: installs the CUTLASS headers from the
+# wheel carried in .whl/ (the machine reaches no package index), builds nmoe._C with the system gcc
+# (docs/kernels.md, "Building on the GPU machine"), runs the GPU tests, then the decode step at the
+# seed's point (one rank of EP8, full depth) - or an A/B of NMOE_* settings. A short table comes last.
+#
+# Here, once per checkout (.whl/ is git-ignored), then `run` the script with carry [".whl"]:
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl 'nvidia-cutlass>=4.2'
+#
+# Usage: scripts/gpu_session.sh [TEST_PATH ...]   (default: tests/cuda tests/test_benchmarks.py)
+# Env:   GPU_SESSION_BUDGET (s, default 540, under one 10-minute device command; each step gets what
+#        is left), GPU_SESSION_AB (settings for benchmarks/ab_env.py separated by "|", e.g.
+#        "|NMOE_MLA_LAZY=0": one round each instead of the plain decode run), GPU_SESSION_DECODE=0
+#        (no decode step at all), OUT (log folder: the device call's returned folder; else
+#        /tmp/gpu_session).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+budget=${GPU_SESSION_BUDGET:-540}
+out=${OUT:-/tmp/gpu_session}
+mkdir -p "$out"
+source scripts/steps.sh  # step NAME LIMIT CMD..., left, results
+
+site=/tmp/gpu_session_site
+if ! python3 -c "import cutlass_library" 2>/dev/null; then
+  compgen -G ".whl/nvidia_cutlass-*.whl" >/dev/null || { echo "gpu_session: no .whl/nvidia_cutlass-*.whl (see the header)"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/nvidia_cutlass-*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+# the system gcc: the image's default compiler builds an extension whose error messages segfault
+if step build 300 env CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS="$(nproc)" \
+    python3 -m pip install -q -e . --no-build-isolation --no-deps; then
+  tests=("$@")
+  [ ${#tests[@]} -gt 0 ] || tests=(tests/cuda tests/test_benchmarks.py)
+  step tests 300 python3 -m pytest -q -rf "${tests[@]}"
+  decode=(--device cuda --random-weights --simulate-world-size 8 --prefill-requests 1 --prefill-lens 1024 --decode-tokens 40)
+  if [ -n "${GPU_SESSION_AB:-}" ]; then
+    IFS='|' read -r -a settings <<<"$GPU_SESSION_AB"
+    ab=()
+    for s in "${settings[@]}"; do ab+=(--set "$s"); done
+    step ab 300 python3 benchmarks/ab_env.py --rounds 1 "${ab[@]}" -- "${decode[@]}"
+  elif [ "${GPU_SESSION_DECODE:-1}" != 0 ]; then
+    step decode 120 python3 -m nmoe.serve.benchmark_lmsys_e2e "${decode[@]}"
+  fi
+fi
+
+echo
+echo "gpu_session: $((SECONDS - start)) s, logs in $out"
+echo "| step | result | summary |"
+echo "| --- | --- | --- |"
+printf '%s\n' "${results[@]}"
+if [ -f "$out/decode.log" ]; then
+  tail -1 "$out/decode.log" | python3 -c "import json, sys; d = json.loads(sys.stdin.read()); \
+print({k: round(d[k], 3) for k in ('decode_step_ms', 'decode_step_p99_ms', 'decode_floor_ms', 'decode_floor_ratio')})" || true
+fi
+[ -f "$out/ab.log" ] && tail -1 "$out/ab.log"
+exit 0

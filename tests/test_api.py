@@ -350,3 +350,47 @@ def test_schemathesis_no_500(server, http):
     assert not failures, failures[:5]
     assert 200 in statuses and 400 in statuses, sorted(set(statuses))
     assert_no_leak(wait_idle(http))
+
+
+def test_repeated_signals_still_drain_and_stop():
+    """SIGTERM after SIGTERM (a supervisor and `timeout` both signalling, an impatient operator):
+    the server still drains and exits 0. The handler takes no lock - a second signal landing inside
+    the first one's `Event.set` used to deadlock the main thread on its own lock."""
+    import signal
+
+    srv = ServerProcess(["--model", "tiny", "--max-seq-len", str(MAX_SEQ_LEN)])
+    try:
+        assert httpx.get(srv.url + "/ready", timeout=30).status_code == 200
+        for _ in range(300):
+            if srv.proc.poll() is not None:
+                break
+            srv.proc.send_signal(signal.SIGTERM)
+        rc = srv.proc.wait(60)
+    finally:
+        if srv.proc.poll() is None:
+            srv.kill()
+    assert rc == 0, f"server exited {rc}:\n{srv.output[-3000:]}"
+    assert "nmoe: stopped" in srv.output
+
+
+def test_shutdown_from_a_signal_takes_no_lock():
+    """The SIGTERM handler calls into the control plane on the main thread, between two of that
+    thread's bytecodes, possibly while it holds the control plane's lock (a `submit`) or its wake
+    event's (an `Event.set`, the handler's own on a second signal): `shutdown_signalled` completes
+    there, and new requests are refused after it (`request_shutdown` would wait for itself)."""
+    import threading
+
+    from nmoe.serve.control_plane import ControlPlane
+
+    cp = ControlPlane()
+    done = threading.Event()
+
+    def interrupted():
+        with cp._lock, cp._wake._cond:  # what an interrupted submit or Event.set holds
+            cp.shutdown_signalled()
+        done.set()
+
+    threading.Thread(target=interrupted, daemon=True).start()
+    assert done.wait(5), "shutdown_signalled waited on a lock its own thread holds"
+    with pytest.raises(RuntimeError, match="shutting down"):
+        cp.submit([1, 2], SamplingParams(max_tokens=1), lambda update: None)

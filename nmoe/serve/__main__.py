@@ -83,8 +83,10 @@ def serve(args, engine, cp, orch) -> int:
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGINT / SIGTERM: refuse new requests, let streams finish
+            # no lock in a signal handler (ControlPlane.shutdown_signalled): two signals in a row
+            # deadlocked the server when the second landed inside the first's Event.set
             state.ready = False
-            cp.request_shutdown()
+            cp.shutdown_signalled()
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # exit normally once drained, not by re-raising the signal
 

@@ -158,6 +158,14 @@ class ControlPlane:
             self._shutdown_requested = True
         self._wake.set()
 
+    def shutdown_signalled(self) -> None:
+        """`request_shutdown` for a signal handler, which takes no lock: the handler runs on the main
+        thread between two of its bytecodes, possibly while that thread holds `_lock` (a `submit`
+        of the API) or `_wake`'s lock (an `Event.set`, the handler's own on a second signal), and
+        would wait for itself forever. The flag only ever turns true, so the unlocked store is
+        safe; the loop sees it within `idle_wait_s` without the wake-up."""
+        self._shutdown_requested = True
+
     def fail_all(self, message: str) -> None:
         """The loop died: finish every pending request with an error (rank 0)."""
         with self._lock:

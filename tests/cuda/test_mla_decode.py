@@ -11,7 +11,9 @@ unwritten by mistake shows up as NaN. Criteria, per case (rows of length > 0):
 The wgmma kernel (variant 1: deferred schedule, 2: eager, 3: deferred with a proxy fence after
 each wait for cp.async data, a diagnostic; 64 heads per CTA, H >= 64) runs the same matrix forced
 on through the op's `variant` argument; it must also be bitwise deterministic (a missing barrier
-shows up as run-to-run differences) and selected by NMOE_MLA_WGMMA only where it applies.
+shows up as run-to-run differences) and selected by NMOE_MLA_WGMMA only where it applies. Its
+lazy rescale (NMOE_MLA_LAZY, default on) is what every case runs; test_wgmma_lazy_rescale runs
+both settings on scores whose maxima move past the slack.
 scripts/gpu_check_mla.sh runs these on the GPU machine.
 """
 

@@ -74,25 +74,26 @@ int resolve_impl(int64_t variant, int64_t heads) {
   return static_cast<int>(variant);
 }
 
+// An on/off switch of the environment, on unless set to "0"; anything but "0" or "1" is an error
+// naming the variable. Read on every call (a CUDA graph keeps what it captured).
+bool switch_on(const char* name) {
+  const char* env = std::getenv(name);
+  const std::string choice = env == nullptr ? "1" : env;
+  TORCH_CHECK(choice == "0" || choice == "1", kOp, ": ", name, " must be 0 or 1, got '", choice, "'");
+  return choice == "1";
+}
+
 // Whether two splits of the eager wgmma kernel merge inside it, as 2-CTA clusters (pair_splits in
 // params.h): the default; NMOE_MLA_PAIR=0 keeps the partial outputs and the combine kernel (for an
 // A/B and for the tests, which compare the two; read on every call like NMOE_MLA_WGMMA).
 bool pair_splits(int impl, int num_splits) {
-  const char* env = std::getenv("NMOE_MLA_PAIR");
-  const std::string choice = env == nullptr ? "1" : env;
-  TORCH_CHECK(choice == "0" || choice == "1", kOp, ": NMOE_MLA_PAIR must be 0 or 1, got '", choice, "'");
-  return impl == kMlaImplWgmmaEager && num_splits == 2 && choice == "1";
+  return switch_on("NMOE_MLA_PAIR") && impl == kMlaImplWgmmaEager && num_splits == 2;  // checked on every call
 }
 
 // The wgmma kernels' rescale slack (rescale_slack in params.h): NMOE_MLA_LAZY=1 (default) keeps a row's
 // running max while a tile's max exceeds it by at most 8 (p <= 2^8 = 256, far inside bf16 and fp32
 // range), so O is rescaled only on the rare larger jumps; 0 is the exact online max (read per call).
-float rescale_slack() {
-  const char* env = std::getenv("NMOE_MLA_LAZY");
-  const std::string choice = env == nullptr ? "1" : env;
-  TORCH_CHECK(choice == "0" || choice == "1", kOp, ": NMOE_MLA_LAZY must be 0 or 1, got '", choice, "'");
-  return choice == "1" ? 8.f : 0.f;
-}
+float rescale_slack() { return switch_on("NMOE_MLA_LAZY") ? 8.f : 0.f; }
 
 }  // namespace
 

@@ -87,9 +87,9 @@ class Engine:
         self.stream = None
         if self.device.type == "cuda":
             priority = ENV.engine_stream_priority
-            self.stream = torch.cuda.Stream(
-                self.device, priority=torch.cuda.Stream.priority_range()[1] if priority is None else priority)
-        if self.stream is not None:
+            if priority is None:
+                priority = torch.cuda.Stream.priority_range()[1]
+            self.stream = torch.cuda.Stream(self.device, priority=priority)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the caches' zero-fill
         self._graphs: StepGraphs | None = None  # built at the first step that can use them
         # overlap (CUDA): step k+1 is scheduled and launched before step k's tokens reach the host;

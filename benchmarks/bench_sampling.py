@@ -1,13 +1,13 @@
 """Sampling B x V logits: torch.ops.nmoe.sample vs the sort-based torch reference (sample_ref on
 the GPU), beside the time to read the logits once at the copy bandwidth measured in the same run.
 
-    python benchmarks/bench_sampling.py [--batch 256] [--vocab 129280] [--kernels cluster8,rowwise]
+    python benchmarks/bench_sampling.py [--batch 256] [--vocab 129280] [--kernels split,cluster8]
                                         [--no-baseline]
 
 `kernel us` is the op replayed from a CUDA graph (device time: the op's host side - five output
 allocations and the dispatch - is not in it); `eager us` is back-to-back calls from Python.
---kernels: one table per sampler, picked through NMOE_SAMPLE_KERNEL (read at every call):
-cluster8 (the default), cluster16, rowwise (the one-CTA-per-row sampler).
+--kernels: one table per sampler, picked through NMOE_SAMPLE_KERNEL (read at every call): split
+(the default), cluster8, cluster16, rowwise (the one-CTA-per-row sampler).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=129280)
-    ap.add_argument("--kernels", default="cluster8", help="comma-separated: cluster8, cluster16, rowwise")
+    ap.add_argument("--kernels", default="split,cluster8", help="comma-separated: split, cluster8, cluster16, rowwise")
     ap.add_argument("--no-baseline", action="store_true", help="skip the sort-based torch reference")
     args = ap.parse_args()
     try:

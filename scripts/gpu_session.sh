@@ -30,12 +30,15 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 # The extension's inputs: the sources, the build files and the toolchain (a stale nmoe/_C*.so is
-# never reused). A build leaves nmoe/_C*.so and nmoe/_C.stamp in $OUT; copied into the checkout here
-# and carried along with .whl (carry [".whl", "nmoe/<the .so>", "nmoe/_C.stamp"]), the next call
-# skips the 80-90 s build while the stamp still matches.
+# never reused). A build leaves nmoe/_C*.so.gz (a device call returns files of 16 MiB at most) and
+# nmoe/_C.stamp in $OUT; copied into the checkout here and carried along with .whl (carry [".whl",
+# "nmoe/<the .so.gz>", "nmoe/_C.stamp"]), the next call skips the 80-90 s build while the stamp
+# still matches.
 stamp=$( { find csrc -type f | sort | xargs sha256sum; sha256sum setup.py pyproject.toml;
            python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; nvcc --version | tail -1; } |
          sha256sum | cut -d' ' -f1)
+gz=$(compgen -G "nmoe/_C*.so.gz" | head -1)
+[ -n "$gz" ] && gunzip -kf "$gz"
 so=$(compgen -G "nmoe/_C*.so" | head -1)
 built=0
 if [ -n "$so" ] && [ "$(cat nmoe/_C.stamp 2>/dev/null)" = "$stamp" ]; then
@@ -46,7 +49,7 @@ elif step build 300 env CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS="$(nproc)" \
     python3 -m pip install -q -e . --no-build-isolation --no-deps; then
   echo "$stamp" >nmoe/_C.stamp
   so=$(compgen -G "nmoe/_C*.so" | head -1)
-  [ -n "$so" ] && cp "$so" nmoe/_C.stamp "$out"/
+  [ -n "$so" ] && gzip -1 -c "$so" >"$out/$(basename "$so").gz" && cp nmoe/_C.stamp "$out"/
   built=1
 fi
 if [ "$built" = 1 ]; then

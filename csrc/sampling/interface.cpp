@@ -3,6 +3,7 @@
 #include "sampling/interface.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -76,7 +77,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
   p.num_top = static_cast<int>(num_top_logprobs);
   p.top_from_processed = top_from_processed;
   p.vec4 = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && (rows == 1 || p.row_stride % 4 == 0);
-  const char* err = sample_launch(p, c10::cuda::getCurrentCUDAStream());
+  // The split sampler's scratch (its allocations are stream-ordered: reused only after the kernels).
+  SampleWorkspace ws{nullptr, nullptr};
+  at::Tensor ws_data, ws_counters;
+  if (const int64_t bytes = sample_workspace_bytes(p); bytes > 0) {
+    ws_data = at::empty({bytes}, f32.dtype(at::kByte));
+    ws_counters = at::zeros({2 * rows}, f32.dtype(at::kInt));
+    ws = {ws_data.data_ptr(), ws_counters.data_ptr<int>()};
+  }
+  const char* err = sample_launch(p, ws, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return {tokens, lp_raw, lp_proc, top_ids, top_lp};
 }

@@ -32,10 +32,26 @@ struct SampleParams {
   int num_top;
   bool top_from_processed;
   bool vec4;  // rows start on 16-byte boundaries (float4 loads)
+  const int* row_mask;  // null: every row; else only rows r with row_mask[r] != 0 are sampled
 };
 
-// The cluster sampler where its shape fits (sample_cluster.cu), else the one-CTA-per-row sampler.
-const char* sample_launch(const SampleParams& p, cudaStream_t stream);
+// Scratch of the split sampler (sample_split.cu), allocated by the caller per call: `data` of
+// sample_workspace_bytes(p) bytes (no initial contents needed) and `counters` of 2 * rows int32
+// zeros (per row: chunks done, then whether the row was handed to the fallback).
+struct SampleWorkspace {
+  void* data;
+  int* counters;
+};
+
+// Bytes of SampleWorkspace::data the call needs; 0: the split sampler is not used for this call
+// (NMOE_SAMPLE_KERNEL picks another, or the shape does not suit it) and no workspace is needed.
+int64_t sample_workspace_bytes(const SampleParams& p);
+// The split sampler (its unresolved rows to the cluster sampler) where it is picked and the shape
+// suits it; else the cluster sampler where its shape fits (sample_cluster.cu); else the one-CTA-per-
+// row sampler.
+const char* sample_launch(const SampleParams& p, const SampleWorkspace& ws, cudaStream_t stream);
+// The split sampler (sample_split.cu): rows it does not resolve are flagged in ws.counters[rows + r].
+const char* sample_split_launch(const SampleParams& p, const SampleWorkspace& ws, cudaStream_t stream);
 // The one-CTA-per-row sampler for every row (sample.cu).
 const char* sample_rowwise_launch(const SampleParams& p, cudaStream_t stream);
 

@@ -1,9 +1,12 @@
-"""torch.ops.nmoe.sample on the paths of the cluster sampler that test_kv_sampling_router.py does not
-reach (skipped without CUDA or nmoe._C): raw top-n logprobs at t != 1 (selected before the logits
+"""torch.ops.nmoe.sample on the paths of the split sampler (the default) and the cluster sampler (its
+fallback, and NMOE_SAMPLE_KERNEL=cluster8) that test_kv_sampling_router.py does not reach; every
+test runs under both (skipped without CUDA or nmoe._C): raw top-n logprobs at t != 1 (selected before the logits
 become x = v / t), top-k / top-p sets too large for the candidate buffer (a Gumbel sweep over the
 rows in shared memory), fewer kept tokens than top-n entries, top_p = 0, min-p alone, masked (-inf)
 vocabularies, ties, vocabulary sizes from one CTA to the largest cluster and a vocabulary tail
-that is not a multiple of 4, batch independence and run-to-run determinism of every output.
+that is not a multiple of 4, batch independence and run-to-run determinism of every output; for the
+split sampler also a batch of rows it resolves beside rows it hands to the fallback, and replay from
+a CUDA graph.
 
 Criteria as in test_kv_sampling_router.py: tokens equal to the reference's (same documented noise)
 for at least 98% of rows, raw / processed logprobs and top logprobs within 1e-4.
@@ -16,6 +19,13 @@ import torch
 from test_kv_sampling_router import _llm_like_logits, _ops, _params, _ref_p, assert_top_logprobs
 
 from nmoe.serve.ops.sampling import process_logits, sample_ref
+
+
+@pytest.fixture(autouse=True, params=["split", "cluster8"])
+def sampler(request, monkeypatch):
+    """The sampler under test: NMOE_SAMPLE_KERNEL is read at every call."""
+    monkeypatch.setenv("NMOE_SAMPLE_KERNEL", request.param)
+    return request.param
 
 
 def _check(ops, logits, t, k, p, mp, ntop, from_proc, min_match=0.98, ties=False):
@@ -189,3 +199,46 @@ def test_every_output_batch_independent_and_deterministic():
             )
             for a, c in zip(part, full):
                 assert torch.equal(a, c[sel])
+
+
+def test_resolved_and_fallback_rows_in_one_batch():
+    """Rows whose kept set lies within the candidates (greedy, full vocabulary, top-k, small top-p,
+    min-p) beside rows whose kept set is deeper (top-p 0.95 at t = 2, top-k 3000): each row as the
+    reference samples it, whichever path took it."""
+    ops = _ops("sample")
+    b = 32
+    logits = _llm_like_logits(b, seed=61)
+    dev = "cuda"
+    t = torch.tensor([0.0, 1.0, 0.7, 2.0, 1.0, 0.8, 1.5, 1.0] * 4, device=dev)
+    k = torch.tensor([0, 0, 50, 0, 0, 40, 0, 3000] * 4, dtype=torch.int32, device=dev)
+    p = torch.tensor([1.0, 1.0, 1.0, 0.95, 0.9, 0.95, 0.5, 1.0] * 4, device=dev)
+    mp = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.0] * 4, device=dev)
+    for ntop, from_proc in [(0, False), (20, True), (20, False)]:
+        _check(ops, logits, t, k, p, mp, ntop, from_proc)
+
+
+def test_graph_replay_matches_eager():
+    """Captured in a CUDA graph (as the engine's decode step does), replayed over new logits in the
+    same buffer: every output equals the eager call's."""
+    ops = _ops("sample")
+    b = 16
+    buf = _llm_like_logits(b, seed=71)
+    dev = "cuda"
+    t = torch.tensor([0.0, 1.0, 0.7, 2.0] * 4, device=dev)
+    k = torch.tensor([0, 0, 50, 0] * 4, dtype=torch.int32, device=dev)
+    p = torch.tensor([1.0, 1.0, 0.9, 0.95] * 4, device=dev)
+    mp = torch.zeros(b, device=dev)
+    seed = torch.arange(b, device=dev) * 31
+    pos = torch.arange(b, device=dev)
+    args = (t, k, p, mp, seed, pos, 8, True)
+    ops.sample(buf, *args)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.sample(buf, *args)
+    for s in (72, 73):
+        buf.copy_(_llm_like_logits(b, seed=s))
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, e in zip(out, ops.sample(buf.clone(), *args)):
+            assert torch.equal(a, e)

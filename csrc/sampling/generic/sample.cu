@@ -21,6 +21,7 @@ constexpr int kThreads = 1024;
 
 __global__ void __launch_bounds__(kThreads, 1) sample_rowwise_kernel(const SampleParams p) {
   __shared__ detail::rowwise::Shared sh;
+  if (p.row_mask != nullptr && p.row_mask[blockIdx.x] == 0) return;
   detail::rowwise::sample_row<kThreads>(p, blockIdx.x, sh);
 }
 

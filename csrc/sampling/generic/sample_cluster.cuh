@@ -50,9 +50,6 @@ template <int kT>
 constexpr int cap_of() {
   return kT == 512 ? 2048 : 1024;
 }
-constexpr float kL2E = 1.4426950408889634f;
-constexpr u32 kMagic = 0x4B000000u;  // bits of 2^23: (y + 2^23) rounded toward zero holds floor(y)
-constexpr float kTwo23 = 8388608.f;
 constexpr int kNone = 0x7fffffff;
 constexpr float kGumbelMargin = 3.f;  // the winner is below log-sum-exp - 3 with probability 2e-9
 constexpr float kGateSlack = 0.01f;   // absorbs the error of the fast exp in the gate
@@ -88,20 +85,6 @@ __device__ __forceinline__ T* at_rank(T* p, u32 rank) {
   return static_cast<T*>(__cluster_map_shared_rank(static_cast<void*>(p), rank));
 }
 
-__device__ __forceinline__ float ex2(float a) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-}
-// exp(x - max) from d = max - x: the one definition of a token's relative probability here (the
-// fixed-point masses, min-p and the kept mass all use it; relative error ~1e-6).
-__device__ __forceinline__ float rel_exp(float d) { return ex2(d * -kL2E); }
-
-// Bin of d >= 0: floor(min(d, dmax) * scale) in [0, kBins), monotone in d (so in the value), by a
-// round-toward-zero add of 2^23.
-__device__ __forceinline__ u32 bin_of(float d, float scale, float dmax) {
-  return __float_as_uint(__fmaf_rz(fminf(d, dmax), scale, kTwo23)) - kMagic;
-}
 
 // The 2^-40 fixed-point mass floor(e * 2^40) split as hi * 2^20 + lo, each part as the bits of
 // (2^23 + part): shared-memory atomics are native only for 32-bit integers, and a sum of the raw
@@ -123,14 +106,6 @@ __device__ __forceinline__ u64 mass_of(float e) {
   return bin_mass(1, hb, lb);
 }
 
-// Lower bound of 1 - u for the hash's uniform u = ((h >> 8) + 0.5) / 2^24: 1 - u = (w + 0.5) / 2^24
-// with w = ~h >> 8, at least (w >> 1) / 2^23. The noise -log(-log u) is at most -log(1 - u).
-__device__ __forceinline__ float one_minus_u_lb(u32 h) {
-  return __uint_as_float(((h >> 9) ^ 0x7fffffu) | 0x3f800000u) - 1.f;
-}
-// The exact noise (double logs) behind a call: it runs rarely, and inline it would cost registers
-// in every loop that can reach it.
-static __device__ __noinline__ float noise_exact(u32 h) { return gumbel_exact(h); }
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -370,21 +345,6 @@ __device__ Gum block_gum(Gum g) {
   return s;
 }
 
-// A power-of-two bin scale putting ~1024 bins between the max and the mean (D apart), so the bulk
-// of any row spreads over many bins; bins cover d in [0, 2047 / scale], the last one all below.
-__device__ __forceinline__ float pick_scale(float D, float& dmax) {
-  int s = 16;
-  if (D > 0.f && D < 3.0e38f) {
-    int e;
-    frexpf(D, &e);  // D in [2^(e-1), 2^e)
-    s = min(16, max(2, 10 - e));
-  } else if (D > 0.f) {
-    s = 2;
-  }
-  const float scale = ldexpf(1.f, s);
-  dmax = 2047.5f / scale;
-  return scale;
-}
 
 // ---------------------------------------------------------------- Gumbel sweep over a kept set
 
@@ -456,27 +416,6 @@ __device__ Gum gumbel_kept(bool thr_on, float xt, int idt, float gate) {
 
 // ---------------------------------------------------------------- selection run
 
-// Bitonic sort of g[0..N) descending (padded with 0, below every real key).
-template <int kT>
-__device__ void sort_desc(u64* g, int N) {
-  int np = 2;
-  while (np < N) np <<= 1;
-  for (int i = N + threadIdx.x; i < np; i += kT) g[i] = 0;
-  __syncthreads();
-  for (int k = 2; k <= np; k <<= 1) {
-    for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int i = threadIdx.x; i < np; i += kT) {
-        const int l = i ^ j;
-        if (l > i) {
-          const u64 a = g[i], b = g[l];
-          const bool desc = (i & k) == 0;
-          if (desc ? a < b : a > b) g[i] = b, g[l] = a;
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
 
 // First position of the sorted candidates whose bin (in the run's binning) is >= b.
 __device__ __forceinline__ int first_pos(const u64* g, const Run& run, int b) {
@@ -1001,6 +940,7 @@ __device__ __noinline__ bool load_and_stats(int chunk) {
 
 template <int kT>
 __global__ void __launch_bounds__(kT, kT == 512 ? 2 : 3) sample_cluster_kernel(const SampleParams p, int chunk) {
+  if (p.row_mask != nullptr && p.row_mask[cl_id()] == 0) return;  // the whole cluster: same row
   Misc& ms = misc();
   const Row& R = ms.row;
   if (threadIdx.x == 0) ms.prm = p;
@@ -1270,6 +1210,7 @@ const char* launch(const SampleParams& p, int ranks, int chunk, cudaStream_t str
 }  // namespace nmoe::sampling::cluster
 
 namespace nmoe::sampling {
-// The cluster sampler with 16 CTAs of 256 threads a row (sample_cluster16.cu).
+// The cluster sampler with 8 CTAs of 512 threads (sample_cluster.cu) or 16 of 256 (sample_cluster16.cu).
+const char* cluster_launch_512(const SampleParams& p, int ranks, int chunk, cudaStream_t stream, bool& unavailable);
 const char* cluster_launch_256(const SampleParams& p, int ranks, int chunk, cudaStream_t stream, bool& unavailable);
 }  // namespace nmoe::sampling

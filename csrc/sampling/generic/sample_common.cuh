@@ -1,6 +1,8 @@
-// Device pieces shared by the two samplers (sample.cu: one CTA per row straight from global
-// memory; sample_cluster.cu: one thread-block cluster per row out of shared memory):
+// Device pieces shared by the samplers (sample_split.cu: chunks of rows streamed by persistent CTAs,
+// the default; sample_cluster.cuh: one thread-block cluster per row out of shared memory, the split
+// sampler's fallback; sample.cu: one CTA per row straight from global memory):
 //   - the composite order key, the counter-based hash and the exact Gumbel noise of ops/sampling.py;
+//   - the fast exp, value-relative bins, the noise's gate and a bitonic sort (the two fast samplers);
 //   - the one-CTA-per-row algorithm (`rowwise::sample_row`), generic over the block size, which the
 //     cluster kernel also runs on a row it cannot resolve on its fast path (rows whose threshold
 //     bucket is too crowded, non-finite rows).
@@ -74,6 +76,93 @@ struct Best {  // larger value, then lower id
   int64_t i;
 };
 __device__ __forceinline__ Best merge(Best a, Best b) { return (b.v > a.v || (b.v == a.v && b.i < a.i)) ? b : a; }
+
+// ---------------------------------------------------------------- pieces of the two fast samplers
+// (sample_cluster.cuh, sample_split.cu): the fast exp, value-relative bins, the noise's gate, a sort.
+
+constexpr float kL2E = 1.4426950408889634f;
+constexpr uint32_t kMagic = 0x4B000000u;  // bits of 2^23: (y + 2^23) rounded toward zero holds floor(y)
+constexpr float kTwo23 = 8388608.f;
+
+__device__ __forceinline__ float ex2(float a) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+}
+// exp(x - max) from d = max - x: the one definition of a token's relative probability here (the
+// fixed-point masses, min-p and the kept mass all use it; relative error ~1e-6).
+__device__ __forceinline__ float rel_exp(float d) { return ex2(d * -kL2E); }
+
+// Bin of d >= 0: floor(min(d, dmax) * scale) in [0, kBins), monotone in d (so in the value), by a
+// round-toward-zero add of 2^23.
+__device__ __forceinline__ uint32_t bin_of(float d, float scale, float dmax) {
+  return __float_as_uint(__fmaf_rz(fminf(d, dmax), scale, kTwo23)) - kMagic;
+}
+
+// Lower bound of 1 - u for the hash's uniform u = ((h >> 8) + 0.5) / 2^24: 1 - u = (w + 0.5) / 2^24
+// with w = ~h >> 8, at least (w >> 1) / 2^23. The noise -log(-log u) is at most -log(1 - u).
+__device__ __forceinline__ float one_minus_u_lb(uint32_t h) {
+  return __uint_as_float(((h >> 9) ^ 0x7fffffu) | 0x3f800000u) - 1.f;
+}
+// The exact noise (double logs) behind a call: it runs rarely, and inline it would cost registers
+// in every loop that can reach it.
+static __device__ __noinline__ float noise_exact(uint32_t h) { return gumbel_exact(h); }
+
+// A power-of-two bin scale putting ~1024 bins between the max and the mean (D apart), so the bulk
+// of any row spreads over many bins; bins cover d in [0, 2047 / scale], the last one all below.
+__device__ __forceinline__ float pick_scale(float D, float& dmax) {
+  int s = 16;
+  if (D > 0.f && D < 3.0e38f) {
+    int e;
+    frexpf(D, &e);  // D in [2^(e-1), 2^e)
+    s = min(16, max(2, 10 - e));
+  } else if (D > 0.f) {
+    s = 2;
+  }
+  const float scale = ldexpf(1.f, s);
+  dmax = 2047.5f / scale;
+  return scale;
+}
+
+// Bitonic sort of g[0..N) descending (padded with 0, below every real key).
+template <int kT>
+__device__ void sort_desc(unsigned long long* g, int N) {
+  int np = 2;
+  while (np < N) np <<= 1;
+  for (int i = N + threadIdx.x; i < np; i += kT) g[i] = 0;
+  __syncthreads();
+  for (int k = 2; k <= np; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < np; i += kT) {
+        const int l = i ^ j;
+        if (l > i) {
+          const unsigned long long a = g[i], b = g[l];
+          const bool desc = (i & k) == 0;
+          if (desc ? a < b : a > b) g[i] = b, g[l] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Top-n entries past the vocabulary (num_top > vocab, n = vocab): id 0 at -inf.
+template <int kThreads>
+__device__ __forceinline__ void pad_top(const SampleParams& p, int64_t r, int n) {
+  for (int a = n + threadIdx.x; a < p.num_top; a += kThreads) {
+    p.top_ids[r * p.num_top + a] = 0;
+    p.top_logprobs[r * p.num_top + a] = neg_inf();
+  }
+}
+
+// A row's token and logprobs (thread 0 writes).
+__device__ __forceinline__ void write_token(const SampleParams& p, int64_t r, int64_t token, float lp_raw,
+                                            float lp_proc) {
+  if (threadIdx.x != 0) return;
+  p.tokens[r] = token;
+  p.logprobs_raw[r] = lp_raw;
+  p.logprobs_processed[r] = lp_proc;
+}
 
 namespace rowwise {
 
@@ -423,16 +512,9 @@ __device__ void sample_row(const SampleParams& p, int64_t r, Shared& sh) {
       p.top_ids[r * p.num_top + rank] = sh.top_id[a];
       p.top_logprobs[r * p.num_top + rank] = sh.top_val[a];
     }
-    for (int a = n + threadIdx.x; a < p.num_top; a += kThreads) {  // num_top > vocab: pad
-      p.top_ids[r * p.num_top + a] = 0;
-      p.top_logprobs[r * p.num_top + a] = neg_inf();
-    }
+    pad_top<kThreads>(p, r, n);
   }
-  if (threadIdx.x == 0) {
-    p.tokens[r] = token;
-    p.logprobs_raw[r] = lp_raw;
-    p.logprobs_processed[r] = greedy ? lp_raw : lp_proc;
-  }
+  write_token(p, r, token, lp_raw, greedy ? lp_raw : lp_proc);
 }
 
 }  // namespace rowwise

@@ -34,12 +34,29 @@ CASES = [  # name, temperature, top_k, top_p, min_p, num_top_logprobs
 ]
 
 
+def kernel_times(op, calls=5):
+    """Mean device time per call of each kernel the op launches (a memset included), as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                op()
+            torch.cuda.synchronize()
+    except RuntimeError as e:  # no CUPTI
+        return f"(no profile: {e})"
+    rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    return ", ".join(f"{e.key[:40]} {e.self_device_time_total / calls:.1f} us" for e in rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=129280)
     ap.add_argument("--kernels", default="split,cluster8", help="comma-separated: split, cluster8, cluster16, rowwise")
     ap.add_argument("--no-baseline", action="store_true", help="skip the sort-based torch reference")
+    ap.add_argument("--profile", action="store_true", help="also each kernel's device time per case (torch.profiler)")
     args = ap.parse_args()
     try:
         import nmoe._C  # noqa: F401
@@ -90,6 +107,8 @@ def main():
                 f"| {name} | {us:8.1f} | {us / read_once:5.2f} | {b * v * 4 / us / 1e3:6.0f} | {eager:8.1f} | {ref_s} |",
                 flush=True,
             )
+            if args.profile:
+                print(f"|   kernels: {kernel_times(op)} | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

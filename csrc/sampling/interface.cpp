@@ -79,11 +79,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
   p.vec4 = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && (rows == 1 || p.row_stride % 4 == 0);
   // The split sampler's scratch (its allocations are stream-ordered: reused only after the kernels).
   SampleWorkspace ws{nullptr, nullptr};
-  at::Tensor ws_data, ws_counters;
+  at::Tensor ws_data, ws_flags;
   if (const int64_t bytes = sample_workspace_bytes(p); bytes > 0) {
     ws_data = at::empty({bytes}, f32.dtype(at::kByte));
-    ws_counters = at::zeros({2 * rows}, f32.dtype(at::kInt));
-    ws = {ws_data.data_ptr(), ws_counters.data_ptr<int>()};
+    ws_flags = at::zeros({rows}, f32.dtype(at::kInt));
+    ws = {ws_data.data_ptr(), ws_flags.data_ptr<int>()};
   }
   const char* err = sample_launch(p, ws, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);

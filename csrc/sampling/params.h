@@ -36,11 +36,11 @@ struct SampleParams {
 };
 
 // Scratch of the split sampler (sample_split.cu), allocated by the caller per call: `data` of
-// sample_workspace_bytes(p) bytes (no initial contents needed) and `counters` of 2 * rows int32
-// zeros (per row: chunks done, then whether the row was handed to the fallback).
+// sample_workspace_bytes(p) bytes (no initial contents needed) and `flags`, rows int32 zeros (set
+// for the rows handed to the fallback).
 struct SampleWorkspace {
   void* data;
-  int* counters;
+  int* flags;
 };
 
 // Bytes of SampleWorkspace::data the call needs; 0: the split sampler is not used for this call
@@ -50,7 +50,7 @@ int64_t sample_workspace_bytes(const SampleParams& p);
 // suits it; else the cluster sampler where its shape fits (sample_cluster.cu); else the one-CTA-per-
 // row sampler.
 const char* sample_launch(const SampleParams& p, const SampleWorkspace& ws, cudaStream_t stream);
-// The split sampler (sample_split.cu): rows it does not resolve are flagged in ws.counters[rows + r].
+// The split sampler (sample_split.cu): rows it does not resolve are flagged in ws.flags.
 const char* sample_split_launch(const SampleParams& p, const SampleWorkspace& ws, cudaStream_t stream);
 // The one-CTA-per-row sampler for every row (sample.cu).
 const char* sample_rowwise_launch(const SampleParams& p, cudaStream_t stream);

@@ -66,7 +66,7 @@ const char* sample_launch(const SampleParams& p, const SampleWorkspace& ws, cuda
   if (mode == Mode::kSplit && ws.data != nullptr) {
     if (const char* err = sample_split_launch(p, ws, stream)) return err;
     SampleParams rest = p;  // the rows the split sampler left
-    rest.row_mask = ws.counters + p.rows;
+    rest.row_mask = ws.flags;
     return cluster_or_rowwise(rest, false, stream);
   }
   return cluster_or_rowwise(p, mode == Mode::kCluster16, stream);

@@ -1,5 +1,5 @@
 // The split sampler (NMOE_SAMPLE_KERNEL=split): every row cut into chunks of up to 8192 logits (work
-// items, row-major), run by persistent 256-thread CTAs, two an SM, each copying its next item into
+// items, row-major), run by persistent 256-thread CTAs, three an SM, each copying its next item into
 // shared memory (cp.async) while it runs the current one - so a batch streams through HBM once,
 // every SM busy. (The cluster sampler holds a row in shared memory and runs rows one after another
 // per cluster slot: at B = 256 it is bound by one row's latency times ~8.) Same contract as the
@@ -15,7 +15,8 @@
 //          of bins holding `target` elements (at most kCap), and those elements written out with
 //          T_c, the least x among them: every finite x >= T_c of the chunk is a candidate (-inf:
 //          every finite element is).
-// The CTA that finishes a row's last chunk (a counter per row) merges its chunks in chunk order: the max,
+// Then one CTA per row (a second kernel, so every row's merge runs at once) merges its chunks in
+// chunk order: the max,
 // both log-sum-exps, and on the candidates with x >= T* = max T_c - exactly the top of the row in
 // order - sorted, the top-k, top-p and min-p cuts, the Gumbel-max over the kept prefix, the top-n.
 // A row it cannot resolve - a cut or a top-n entry below T* (a kept set deeper than the candidates),
@@ -68,8 +69,7 @@ struct Cand {
 struct Work {
   Stat* stats;  // [rows, chunks]
   Cand* cand;   // [rows, chunks, kCap]
-  int* done;    // [rows] chunks finished (zeros at the call's start)
-  int* flags;   // [rows] handed to the fallback
+  int* flags;   // [rows] handed to the fallback (zeros at the call's start)
   int chunks;
   int chunk;
 };
@@ -98,21 +98,23 @@ __device__ Cfg cfg_of(const SampleParams& p, int64_t r) {
   return c;
 }
 
-struct Smem {
-  union {
-    u32 hist[kBins];  // the chunk's histogram
-    struct {
-      u64 keys[kMaxCand];  // the row's candidates at or above T*, sorted
-      float mass[kMaxCand];
-    } m;
-  };
+struct ChunkSmem {  // a chunk's (the logits themselves are in the dynamic buffers)
+  u32 hist[kBins];
   Best best[32];
-  float f[32];
   float4 f4[kT / 32];
   u32 u[kT / 32];
+  int n, first;
+  u32 lo_bits;
+};
+
+struct MergeSmem {  // a row's merge
+  u64 keys[kMaxCand];  // the row's candidates at or above T*, sorted
+  float mass[kMaxCand];
+  Best best[32];
+  float f[32];
   Stat st[kMaxChunks];
   u32 kept_ids[kMaxTopLogprobs * 2 / 32];  // ids below 2048 that are kept (the top-n filler)
-  int n, first, last;
+  int n, first;
   u32 lo_bits;
 };
 
@@ -174,7 +176,7 @@ __device__ __forceinline__ Best gumbel_sweep(const float4* x, int n4, int base, 
 }
 
 // The row's merge, by the last of its CTAs. Returns false when the row is left to the fallback.
-__device__ bool merge_row(const SampleParams& p, const Work& w, const Cfg& c, int64_t r, Smem& sh) {
+__device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, const Cfg& c, int64_t r, MergeSmem& sh) {
   const int S = w.chunks;
   // Through L2 (__ldcg): other CTAs wrote these.
   const auto* src = reinterpret_cast<const unsigned*>(w.stats + r * S);
@@ -204,8 +206,8 @@ __device__ bool merge_row(const SampleParams& p, const Work& w, const Cfg& c, in
 
   int N = 0, K = 0;
   bool covers = true;  // every finite element of the row is among the candidates
-  u64* keys = sh.m.keys;
-  float* mass = sh.m.mass;
+  u64* keys = sh.keys;
+  float* mass = sh.mass;
   if (c.cand) {
     float tstar = neg_inf();
     for (int i = 0; i < S; ++i) tstar = fmaxf(tstar, sh.st[i].thr), covers &= sh.st[i].thr == neg_inf();
@@ -362,7 +364,7 @@ __device__ __forceinline__ void prefetch(const SampleParams& p, const Work& w, i
 
 // One chunk out of shared memory (buf: its logits, which become x = v / t), then the row's merge
 // when it is the row's last chunk.
-__device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, float* buf, Smem& sh) {
+__device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, float* buf, ChunkSmem& sh) {
   const int64_t r = item / w.chunks;
   const int s = static_cast<int>(item % w.chunks);
   const int begin = s * w.chunk;
@@ -469,8 +471,6 @@ __device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, fl
     if (total > static_cast<u32>(kCap)) thr = ncand > 0 ? from_order_bits(sh.lo_bits) : -neg_inf();
   }
 
-  __threadfence();  // this thread's candidates, before the count that publishes them
-  __syncthreads();
   if (threadIdx.x == 0) {
     Stat st;
     st.m = finite ? m : neg_inf();
@@ -483,20 +483,14 @@ __device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, fl
     st.gi = static_cast<int>(g.i);
     st.bad = bad;
     w.stats[r * w.chunks + s] = st;
-    __threadfence();
-    sh.last = atomicAdd(w.done + r, 1) == w.chunks - 1;
   }
-  __syncthreads();
-  if (!sh.last) return;
-  __threadfence();
-  if (!merge_row(p, w, c, r, sh) && threadIdx.x == 0) w.flags[r] = 1;
 }
 
 // Persistent CTAs over the work items (row-major: a row's chunks run close together), each with two
 // chunk buffers: the next item's copy is in flight while the current one runs.
-__global__ void __launch_bounds__(kT, 2) sample_split_kernel(const SampleParams p, const Work w) {
+__global__ void __launch_bounds__(kT, 3) sample_split_kernel(const SampleParams p, const Work w) {
   extern __shared__ __align__(16) float bufs[];  // [2][kMaxChunk]
-  __shared__ Smem sh;
+  __shared__ ChunkSmem sh;
   const int64_t items = p.rows * w.chunks;
   int64_t item = blockIdx.x;
   if (item < items) prefetch(p, w, item, bufs);
@@ -512,6 +506,13 @@ __global__ void __launch_bounds__(kT, 2) sample_split_kernel(const SampleParams 
     run_chunk(p, w, item, bufs + (it & 1) * kMaxChunk, sh);
     __syncthreads();  // buf (it & 1) is refilled by the next iteration's prefetch
   }
+}
+
+// One CTA per row, after the chunks: every row's merge at once.
+__global__ void __launch_bounds__(kT) sample_merge_kernel(const SampleParams p, const Work w) {
+  __shared__ MergeSmem sh;
+  const int64_t r = blockIdx.x;
+  if (!merge_row(p, w, cfg_of(p, r), r, sh) && threadIdx.x == 0) w.flags[r] = 1;
 }
 
 int chunks_of(int64_t vocab) { return static_cast<int>((vocab + kMaxChunk - 1) / kMaxChunk); }
@@ -536,8 +537,7 @@ const char* sample_split_launch(const SampleParams& p, const SampleWorkspace& ws
   w.chunk = chunk_of(p.vocab, w.chunks);
   w.stats = static_cast<Stat*>(ws.data);
   w.cand = reinterpret_cast<Cand*>(static_cast<char*>(ws.data) + stats_bytes(p));
-  w.done = ws.counters;
-  w.flags = ws.counters + p.rows;
+  w.flags = ws.flags;
   constexpr int kDynBytes = 2 * kMaxChunk * static_cast<int>(sizeof(float));
   static bool attr_set = false;
   if (!attr_set) {
@@ -551,8 +551,9 @@ const char* sample_split_launch(const SampleParams& p, const SampleWorkspace& ws
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return "sample: no device attributes";
   const int64_t items = p.rows * w.chunks;
-  const unsigned grid = static_cast<unsigned>(items < 2 * sms ? items : 2 * sms);  // two CTAs an SM
+  const unsigned grid = static_cast<unsigned>(items < 3 * sms ? items : 3 * sms);  // three CTAs an SM
   sample_split_kernel<<<grid, kT, kDynBytes, stream>>>(p, w);
+  sample_merge_kernel<<<static_cast<unsigned>(p.rows), kT, 0, stream>>>(p, w);
   return cudaPeekAtLastError() == cudaSuccess ? nullptr : "sample: split kernel launch failed";
 }
 

@@ -2,12 +2,13 @@
 the GPU), beside the time to read the logits once at the copy bandwidth measured in the same run.
 
     python benchmarks/bench_sampling.py [--batch 256] [--vocab 129280] [--kernels split,cluster8]
-                                        [--no-baseline]
+                                        [--no-baseline] [--profile]
 
 `kernel us` is the op replayed from a CUDA graph (device time: the op's host side - five output
 allocations and the dispatch - is not in it); `eager us` is back-to-back calls from Python.
---kernels: one table per sampler, picked through NMOE_SAMPLE_KERNEL (read at every call): split
-(the default), cluster8, cluster16, rowwise (the one-CTA-per-row sampler).
+--kernels: one table per sampler, picked through NMOE_SAMPLE_KERNEL (read at every call): split,
+cluster8 (the default), cluster16, rowwise (the one-CTA-per-row sampler). --profile adds each
+kernel's device time per case (torch.profiler).
 """
 
 from __future__ import annotations

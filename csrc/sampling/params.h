@@ -51,6 +51,8 @@ int64_t sample_workspace_bytes(const SampleParams& p);
 // row sampler.
 const char* sample_launch(const SampleParams& p, const SampleWorkspace& ws, cudaStream_t stream);
 // The split sampler (sample_split.cu): rows it does not resolve are flagged in ws.flags.
+bool sample_split_suits(const SampleParams& p);  // the shape: 16-byte rows, vocab <= 131072
+int64_t sample_split_workspace_bytes(const SampleParams& p);
 const char* sample_split_launch(const SampleParams& p, const SampleWorkspace& ws, cudaStream_t stream);
 // The one-CTA-per-row sampler for every row (sample.cu).
 const char* sample_rowwise_launch(const SampleParams& p, cudaStream_t stream);

@@ -50,9 +50,6 @@ template <int kT>
 constexpr int cap_of() {
   return kT == 512 ? 2048 : 1024;
 }
-constexpr int kNone = 0x7fffffff;
-constexpr float kGumbelMargin = 3.f;  // the winner is below log-sum-exp - 3 with probability 2e-9
-constexpr float kGateSlack = 0.01f;   // absorbs the error of the fast exp in the gate
 
 // ---------------------------------------------------------------- small helpers
 
@@ -85,7 +82,6 @@ __device__ __forceinline__ T* at_rank(T* p, u32 rank) {
   return static_cast<T*>(__cluster_map_shared_rank(static_cast<void*>(p), rank));
 }
 
-
 // The 2^-40 fixed-point mass floor(e * 2^40) split as hi * 2^20 + lo, each part as the bits of
 // (2^23 + part): shared-memory atomics are native only for 32-bit integers, and a sum of the raw
 // bits less count * (bits of 2^23) is the sum of the parts - exact while a bin of a CTA holds fewer
@@ -105,7 +101,6 @@ __device__ __forceinline__ u64 mass_of(float e) {
   mass_bits(e, hb, lb);
   return bin_mass(1, hb, lb);
 }
-
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -345,7 +340,6 @@ __device__ Gum block_gum(Gum g) {
   return s;
 }
 
-
 // ---------------------------------------------------------------- Gumbel sweep over a kept set
 
 // Over this CTA's elements: kept = (thr off or composite >= (xt, idt)) and (min-p off or
@@ -415,7 +409,6 @@ __device__ Gum gumbel_kept(bool thr_on, float xt, int idt, float gate) {
 }
 
 // ---------------------------------------------------------------- selection run
-
 
 // First position of the sorted candidates whose bin (in the run's binning) is >= b.
 __device__ __forceinline__ int first_pos(const u64* g, const Run& run, int b) {

@@ -1,6 +1,6 @@
-// Device pieces shared by the samplers (sample_split.cu: chunks of rows streamed by persistent CTAs,
-// the default; sample_cluster.cuh: one thread-block cluster per row out of shared memory, the split
-// sampler's fallback; sample.cu: one CTA per row straight from global memory):
+// Device pieces shared by the samplers (sample_cluster.cuh: one thread-block cluster per row out of
+// shared memory, the default and the split sampler's fallback; sample_split.cu: chunks of rows
+// streamed by persistent CTAs; sample.cu: one CTA per row straight from global memory):
 //   - the composite order key, the counter-based hash and the exact Gumbel noise of ops/sampling.py;
 //   - the fast exp, value-relative bins, the noise's gate and a bitonic sort (the two fast samplers);
 //   - the one-CTA-per-row algorithm (`rowwise::sample_row`), generic over the block size, which the
@@ -83,6 +83,9 @@ __device__ __forceinline__ Best merge(Best a, Best b) { return (b.v > a.v || (b.
 constexpr float kL2E = 1.4426950408889634f;
 constexpr uint32_t kMagic = 0x4B000000u;  // bits of 2^23: (y + 2^23) rounded toward zero holds floor(y)
 constexpr float kTwo23 = 8388608.f;
+constexpr int kNone = 0x7fffffff;     // no id
+constexpr float kGumbelMargin = 3.f;  // the winner is below log-sum-exp - 3 with probability 2e-9
+constexpr float kGateSlack = 0.01f;   // absorbs the error of the fast exp in the gate
 
 __device__ __forceinline__ float ex2(float a) {
   float r;

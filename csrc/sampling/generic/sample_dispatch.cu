@@ -10,10 +10,6 @@
 #include "sampling/params.h"
 
 namespace nmoe::sampling {
-
-bool sample_split_suits(const SampleParams& p);
-int64_t sample_split_workspace_bytes(const SampleParams& p);
-
 namespace {
 
 enum class Mode { kSplit, kCluster8, kCluster16, kRowwise };

@@ -45,9 +45,6 @@ constexpr int kBins = 2048;
 constexpr int kCap = 128;                      // candidates per chunk
 constexpr int kMaxCand = kCap * kMaxChunks;    // per row
 constexpr int kMinTarget = 64;                 // candidates a chunk aims for, at least
-constexpr int kNone = 0x7fffffff;
-constexpr float kGumbelMargin = 3.f;  // the winner is below log-sum-exp - 3 with probability 2e-9
-constexpr float kGateSlack = 0.01f;   // absorbs the fast exp's error in the gate
 
 struct Stat {  // one chunk's part of its row
   float m;     // max raw value (-inf: no finite value)
@@ -175,13 +172,10 @@ __device__ __forceinline__ Best gumbel_sweep(const float4* x, int n4, int base, 
   return g;
 }
 
-// The row's merge, by the last of its CTAs. Returns false when the row is left to the fallback.
+// Row r's merge (one CTA per row). Returns false when the row is left to the fallback.
 __device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, const Cfg& c, int64_t r, MergeSmem& sh) {
   const int S = w.chunks;
-  // Through L2 (__ldcg): other CTAs wrote these.
-  const auto* src = reinterpret_cast<const unsigned*>(w.stats + r * S);
-  for (int i = threadIdx.x; i < S * static_cast<int>(sizeof(Stat) / 4); i += kT)
-    reinterpret_cast<unsigned*>(sh.st)[i] = __ldcg(src + i);
+  if (threadIdx.x < S) sh.st[threadIdx.x] = w.stats[r * S + threadIdx.x];
   __syncthreads();
   Best M{neg_inf(), INT64_MAX};
   int bad = 0;
@@ -216,8 +210,8 @@ __device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, 
     const Cand* cand = w.cand + r * S * kCap;
     for (int q = threadIdx.x; q < S * kCap; q += kT) {
       if (q % kCap >= sh.st[q / kCap].ncand) continue;
-      const int2 e = __ldcg(reinterpret_cast<const int2*>(cand) + q);
-      if (__int_as_float(e.x) >= tstar) keys[atomicAdd(&sh.n, 1)] = composite(__int_as_float(e.x), e.y);
+      const Cand e = cand[q];
+      if (e.x >= tstar) keys[atomicAdd(&sh.n, 1)] = composite(e.x, e.id);
     }
     __syncthreads();
     N = sh.n;
@@ -362,8 +356,7 @@ __device__ __forceinline__ void prefetch(const SampleParams& p, const Work& w, i
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
-// One chunk out of shared memory (buf: its logits, which become x = v / t), then the row's merge
-// when it is the row's last chunk.
+// One chunk out of shared memory (buf: its logits, which become x = v / t): its Stat and candidates.
 __device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, float* buf, ChunkSmem& sh) {
   const int64_t r = item / w.chunks;
   const int s = static_cast<int>(item % w.chunks);

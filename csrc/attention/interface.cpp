@@ -58,15 +58,16 @@ int sm_count(int device) {
 // wgmma variant with fewer heads is an error rather than a silent fallback, so a test of the wgmma
 // path cannot pass on the other kernel.
 int resolve_impl(int64_t variant, int64_t heads) {
-  TORCH_CHECK(variant >= -1 && variant <= 3, kOp, ": variant must be -1 (auto), 0 (mma.sync), 1 (wgmma), 2 (wgmma,",
-              " eager schedule) or 3 (wgmma with consumer proxy fences), got ", variant);
+  TORCH_CHECK(variant >= -1 && variant <= 4, kOp, ": variant must be -1 (auto), 0 (mma.sync), 1 (wgmma), 2 (wgmma,",
+              " eager schedule), 3 (wgmma with consumer proxy fences) or 4 (wgmma, seesaw schedule), got ", variant);
   if (variant == -1) {
     const char* env = std::getenv("NMOE_MLA_WGMMA");
     const std::string choice = env == nullptr ? "2" : env;
-    TORCH_CHECK(choice == "0" || choice == "1" || choice == "2" || choice == "3", kOp,
-                ": NMOE_MLA_WGMMA must be 0 (mma.sync), 1, 2 or 3 (wgmma variants), got '", choice, "'");
+    TORCH_CHECK(choice.size() == 1 && choice[0] >= '0' && choice[0] <= '4', kOp,
+                ": NMOE_MLA_WGMMA must be 0 (mma.sync), 1, 2, 3 or 4 (wgmma variants), got '", choice, "'");
     if (heads < kMlaWgmmaMinHeads) return kMlaImplMma;
-    static constexpr int kImpl[] = {kMlaImplMma, kMlaImplWgmma, kMlaImplWgmmaEager, kMlaImplWgmmaFenced};
+    static constexpr int kImpl[] = {kMlaImplMma, kMlaImplWgmma, kMlaImplWgmmaEager, kMlaImplWgmmaFenced,
+                                    kMlaImplWgmmaSeesaw};
     return kImpl[choice[0] - '0'];
   }
   TORCH_CHECK(variant == 0 || heads >= kMlaWgmmaMinHeads, kOp, ": the wgmma variant needs at least ",
@@ -87,7 +88,8 @@ bool switch_on(const char* name) {
 // params.h): the default; NMOE_MLA_PAIR=0 keeps the partial outputs and the combine kernel (for an
 // A/B and for the tests, which compare the two; read on every call like NMOE_MLA_WGMMA).
 bool pair_splits(int impl, int num_splits) {
-  return switch_on("NMOE_MLA_PAIR") && impl == kMlaImplWgmmaEager && num_splits == 2;  // checked on every call
+  return switch_on("NMOE_MLA_PAIR") && (impl == kMlaImplWgmmaEager || impl == kMlaImplWgmmaSeesaw) &&
+         num_splits == 2;  // checked on every call
 }
 
 // The wgmma kernels' rescale slack (rescale_slack in params.h): NMOE_MLA_LAZY=1 (default) keeps a row's

@@ -17,8 +17,9 @@
 //   kMlaImplWgmma  wgmma, 64 heads per CTA, heads >= 64 (sm90/mla_decode_wgmma.cuh), PV of the
 //                  upper 256 columns deferred behind the next tile's QK; kMlaImplWgmmaEager issues
 //                  it as soon as P is stored; kMlaImplWgmmaFenced is the deferred one with a
-//                  fence.proxy.async after each wait for cp.async data (a diagnostic). The
-//                  default for heads >= 64 is the eager one (interface.cpp).
+//                  fence.proxy.async after each wait for cp.async data (a diagnostic);
+//                  kMlaImplWgmmaSeesaw alternates the tiles of a pair between the two warpgroups
+//                  (sm90/mla_decode_seesaw.cuh). The default for heads >= 64: interface.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -54,7 +55,8 @@ struct MlaDecodeParams {
   int impl;          // MlaDecodeImpl: which split kernel runs
   // 1: num_splits == 2 and the two splits of a (sequence, head block) run as one 2-CTA cluster;
   // split 1 hands its output to split 0 through distributed shared memory and split 0 writes the
-  // combined out and lse (no partial outputs in global memory, no combine kernel). wgmma eager only.
+  // combined out and lse (no partial outputs in global memory, no combine kernel). wgmma eager and
+  // seesaw only.
   int pair_splits;
   // wgmma kernels: a row's running max stays while a tile's max exceeds it by at most this much
   // (base 2; 0 = the exact online max), and O is rescaled only when some row's max moves (see
@@ -62,7 +64,13 @@ struct MlaDecodeParams {
   float rescale_slack;
 };
 
-enum MlaDecodeImpl : int { kMlaImplMma = 0, kMlaImplWgmma = 1, kMlaImplWgmmaEager = 2, kMlaImplWgmmaFenced = 3 };
+enum MlaDecodeImpl : int {
+  kMlaImplMma = 0,
+  kMlaImplWgmma = 1,
+  kMlaImplWgmmaEager = 2,
+  kMlaImplWgmmaFenced = 3,
+  kMlaImplWgmmaSeesaw = 4,
+};
 constexpr int kMlaWgmmaMinHeads = 64;  // the wgmma kernel computes 64 heads per CTA
 
 // How many KV splits per (sequence, head block) fill `sm_count` multiprocessors, given only the
@@ -74,6 +82,8 @@ const char* mla_decode_paged_launch(const MlaDecodeParams& p, cudaStream_t strea
 // The wgmma split kernel alone (sm90/mla_decode_wgmma.cu); mla_decode_paged_launch calls it for
 // p.impl != kMlaImplMma and runs the combine kernel after it.
 const char* mla_decode_wgmma_launch_split(const MlaDecodeParams& p, cudaStream_t stream);
+// The seesaw kernel (sm90/mla_decode_seesaw.cu), called by mla_decode_wgmma_launch_split.
+const char* mla_decode_seesaw_launch_split(const MlaDecodeParams& p, cudaStream_t stream);
 
 // mla_decode_q: q_lat bf16 [heads, batch, rank] and q_pe bf16 [batch, heads, rope] (element strides
 // below, unit last) with cos / sin fp32 [batch, rope / 2] (contiguous) -> out bf16 [batch, heads,

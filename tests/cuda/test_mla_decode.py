@@ -9,7 +9,8 @@ unwritten by mistake shows up as NaN. Criteria, per case (rows of length > 0):
   length 0: out exactly 0, lse = -inf.
 
 The wgmma kernel (variant 1: deferred schedule, 2: eager, 3: deferred with a proxy fence after
-each wait for cp.async data, a diagnostic; 64 heads per CTA, H >= 64) runs the same matrix forced
+each wait for cp.async data, a diagnostic, 4: the seesaw schedule, the two warpgroups taking
+alternate tiles; 64 heads per CTA, H >= 64) runs the same matrix forced
 on through the op's `variant` argument; it must also be bitwise deterministic (a missing barrier
 shows up as run-to-run differences) and selected by NMOE_MLA_WGMMA only where it applies. Its
 lazy rescale (NMOE_MLA_LAZY, default on) is what every case runs; test_wgmma_lazy_rescale runs
@@ -26,7 +27,8 @@ from nmoe.serve.ops.attention import mla_decode_paged_ref
 
 R, D = 512, 64
 HUGE_PAGE = 2**31 - 1
-WGMMA = [1, 2, 3]  # the wgmma kernel: deferred, eager, deferred + consumer proxy fences
+DEFAULT_WGMMA = 2  # what a call without a variant runs at H >= 64
+WGMMA = [1, 2, 3, 4]  # the wgmma kernel: deferred, eager, deferred + consumer proxy fences, seesaw
 
 
 def _ops():
@@ -229,9 +231,9 @@ def test_wgmma_env_selection(monkeypatch):
     lengths = [500, 3000]
     q, cache, table, seq_lens = make_case(lengths, 128, 64, seed=5)
     q16, cache16, table16, seq_lens16 = make_case(lengths, 16, 64, seed=6)
-    ref = {v: run_op(ops, q, cache, table, seq_lens, 0.1, v) for v in (0, 1, 2, 3)}
+    ref = {v: run_op(ops, q, cache, table, seq_lens, 0.1, v) for v in (0, 1, 2, 3, 4)}
     ref16 = run_op(ops, q16, cache16, table16, seq_lens16, 0.1, 0)
-    for env, v in ((None, 2), ("0", 0), ("1", 1), ("2", 2), ("3", 3)):
+    for env, v in ((None, DEFAULT_WGMMA), ("0", 0), ("1", 1), ("2", 2), ("3", 3), ("4", 4)):
         if env is None:
             monkeypatch.delenv("NMOE_MLA_WGMMA", raising=False)
         else:
@@ -247,10 +249,11 @@ def test_wgmma_env_selection(monkeypatch):
         run_op(ops, q, cache, table, seq_lens, 0.1)
 
 
+@pytest.mark.parametrize("variant", [2, 4])
 @pytest.mark.parametrize("heads,page_size", [(128, 64), (100, 17)])
-def test_wgmma_paired_splits(monkeypatch, heads, page_size):
+def test_wgmma_paired_splits(monkeypatch, heads, page_size, variant):
     """32 sequences of 2 head blocks fill 132 SMs with 2 splits: the eager kernel runs them as 2-CTA
-    clusters that merge through distributed shared memory. It must pass the reference criteria
+    clusters that merge through distributed shared memory (the eager and the seesaw schedules). It must pass the reference criteria
     (sequences whose second split is empty, length <= 64, and empty ones included), repeat bit for
     bit, and agree with the partial outputs + combine kernel (NMOE_MLA_PAIR=0). That agreement is
     to the last bits, not exact: ptxas contracts a few multiply-adds of the tile loop differently
@@ -265,13 +268,13 @@ def test_wgmma_paired_splits(monkeypatch, heads, page_size):
     lengths = [0, 1, 63, 64, 65, 127, 128, 129, 2000, 1999, 257] + [2000 - 37 * i for i in range(21)]
     q, cache, table, seq_lens = make_case(lengths, heads, page_size, seed=heads)
     monkeypatch.delenv("NMOE_MLA_PAIR", raising=False)
-    paired = run_op(ops, q, cache, table, seq_lens, 0.1, 2)
+    paired = run_op(ops, q, cache, table, seq_lens, 0.1, variant)
     for _ in range(3):
-        again = run_op(ops, q, cache, table, seq_lens, 0.1, 2)
+        again = run_op(ops, q, cache, table, seq_lens, 0.1, variant)
         assert torch.equal(again[0], paired[0]) and torch.equal(again[1], paired[1])
-    check(ops, lengths, heads, page_size, seed=heads, variant=2)
+    check(ops, lengths, heads, page_size, seed=heads, variant=variant)
     monkeypatch.setenv("NMOE_MLA_PAIR", "0")
-    unpaired = run_op(ops, q, cache, table, seq_lens, 0.1, 2)
+    unpaired = run_op(ops, q, cache, table, seq_lens, 0.1, variant)
     lse, lse_ref = paired[1], unpaired[1]
     assert torch.equal(lse.isinf(), lse_ref.isinf()) and torch.equal(lse[lse.isinf()], lse_ref[lse.isinf()])
     finite = lse.isfinite()
@@ -286,7 +289,7 @@ def test_wgmma_paired_splits(monkeypatch, heads, page_size):
     assert ulps.numel() == 0 or ulps.max().item() <= 16, f"outputs up to {ulps.max().item()} row ulps apart"
     monkeypatch.setenv("NMOE_MLA_PAIR", "yes")
     with pytest.raises(RuntimeError, match="NMOE_MLA_PAIR must be"):
-        run_op(ops, q, cache, table, seq_lens, 0.1, 2)
+        run_op(ops, q, cache, table, seq_lens, 0.1, variant)
 
 
 def test_wgmma_lazy_rescale(monkeypatch):
@@ -306,7 +309,7 @@ def test_wgmma_lazy_rescale(monkeypatch):
             cache[page, slot, R:] *= 1.0 + 11.0 * t0 / 2000
     for lazy in ("1", "0"):
         monkeypatch.setenv("NMOE_MLA_LAZY", lazy)
-        for variant in (2, 1):
+        for variant in (2, 1, 4):
             check_case(ops, q, cache, table, seq_lens, 192**-0.5, variant)
     monkeypatch.setenv("NMOE_MLA_LAZY", "2")
     with pytest.raises(RuntimeError, match="NMOE_MLA_LAZY must be"):
@@ -319,4 +322,4 @@ def test_wgmma_rejects_few_heads_and_bad_variant():
     with pytest.raises(RuntimeError, match="at least 64 heads"):
         ops.mla_decode_paged(q, cache, table, seq_lens, 0.1, 1)
     with pytest.raises(RuntimeError, match="variant must be"):
-        ops.mla_decode_paged(q, cache, table, seq_lens, 0.1, 4)
+        ops.mla_decode_paged(q, cache, table, seq_lens, 0.1, 5)

@@ -7,6 +7,7 @@
 namespace nmoe::attention {
 
 const char* mla_decode_wgmma_launch_split(const MlaDecodeParams& p, cudaStream_t stream) {
+  if (p.impl == kMlaImplWgmmaSeesaw) return mla_decode_seesaw_launch_split(p, stream);
   if (p.heads < kMlaWgmmaMinHeads) return "mla_decode_paged: the wgmma kernel needs at least 64 heads";
   auto kernel = p.pair_splits                     ? sm90_wgmma::mla_decode_wgmma_kernel<false, false, true>
                 : p.impl == kMlaImplWgmmaEager    ? sm90_wgmma::mla_decode_wgmma_kernel<false, false, false>

@@ -399,6 +399,27 @@ __device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float 
   }
 }
 
+// An empty split (or an empty sequence): zeros and -inf, into the final out and lse or into this
+// split's partials. Every thread of the CTA calls it.
+__device__ __forceinline__ void write_empty_split(const MlaDecodeParams& p, int b, int split, int h0, bool final_out) {
+  const int tid = threadIdx.x;
+  const float ninf = -__int_as_float(0x7f800000);
+  for (int i = tid; i < kHeads * kLoraRank; i += kThreads) {
+    const int h = h0 + i / kLoraRank, c = i % kLoraRank;
+    if (h >= p.heads) continue;
+    if (final_out)
+      static_cast<__nv_bfloat16*>(p.out)[(static_cast<int64_t>(b) * p.heads + h) * kLoraRank + c] = __float2bfloat16(0.f);
+    else
+      p.part_out[((static_cast<int64_t>(b) * p.num_splits + split) * p.heads + h) * kLoraRank + c] = 0.f;
+  }
+  if (tid < kHeads && h0 + tid < p.heads) {
+    if (final_out)
+      p.lse[static_cast<int64_t>(b) * p.heads + h0 + tid] = ninf;
+    else
+      p.part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.heads + h0 + tid] = ninf;
+  }
+}
+
 // Paired splits (both splits of this sequence hold tiles): split 1 sends its normalized output and
 // lse into split 0's free KV stages; split 0 merges them with its own as the combine kernel merges
 // two partials (split_weight, merged_lse, the same operations in the same order) and writes out and
@@ -407,9 +428,9 @@ __device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float 
 // is (1, 2, 1) over the grid's split dimension, so the cluster rank is the split.
 __device__ __forceinline__ void merge_pair(const MlaDecodeParams& p, float (&o)[128], const uint8_t* smem,
                                            uint32_t sbase, int b, int split, int h0, int row0, int col0,
-                                           float inv0, float inv1, bool lse_writer) {
+                                           float inv0, float inv1, bool lse_writer, int lse_off = kSmemLse) {
   const int tid = threadIdx.x;
-  const float* s_lse = reinterpret_cast<const float*>(smem + kSmemLse);
+  const float* s_lse = reinterpret_cast<const float*>(smem + lse_off);  // this CTA's lse per head
   cluster_sync();  // split 0 is done with its stages; both CTAs' s_lse are written
   if (split == 1) {
     const uint32_t dst = cluster_peer(sbase + kSmemPartnerOut, 0);
@@ -480,21 +501,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   const bool final_out = p.num_splits == 1 || (kPair && !exchange);
 
   if (n <= 0) {  // empty split (or empty sequence): zeros and -inf
-    if (kPair && split == 1) return;
-    for (int i = tid; i < kHeads * kLoraRank; i += kThreads) {
-      const int h = h0 + i / kLoraRank, c = i % kLoraRank;
-      if (h >= p.heads) continue;
-      if (final_out)
-        static_cast<__nv_bfloat16*>(p.out)[(static_cast<int64_t>(b) * p.heads + h) * kLoraRank + c] = __float2bfloat16(0.f);
-      else
-        p.part_out[((static_cast<int64_t>(b) * p.num_splits + split) * p.heads + h) * kLoraRank + c] = 0.f;
-    }
-    if (tid < kHeads && h0 + tid < p.heads) {
-      if (final_out)
-        p.lse[static_cast<int64_t>(b) * p.heads + h0 + tid] = ninf;
-      else
-        p.part_lse[(static_cast<int64_t>(b) * p.num_splits + split) * p.heads + h0 + tid] = ninf;
-    }
+    if (!(kPair && split == 1)) write_empty_split(p, b, split, h0, final_out);
     return;
   }
 

@@ -87,6 +87,25 @@ __device__ __forceinline__ void qk_block(float (&s)[32], uint64_t dq, uint64_t d
   }
 }
 
+// S = Q K^T over the column blocks CBs, in that order (the first one starts the accumulation).
+template <int CB0, int... CBs>
+__device__ __forceinline__ void qk_blocks(float (&s)[32], uint32_t q_smem, uint32_t stage, uint32_t stage_bars,
+                                          uint32_t parity, bool first) {
+  const uint64_t dq = opaque(desc_k_sw128(q_smem)), dk = opaque(desc_k_sw128(stage));
+  if (first)
+    qk_block<CB0, true>(s, dq, dk, stage_bars + CB0 * 8, parity);
+  else
+    qk_block<CB0, false>(s, dq, dk, stage_bars + CB0 * 8, parity);
+  (qk_block<CBs, false>(s, dq, dk, stage_bars + CBs * 8, parity), ...);
+}
+// WG1's order over its stage: its own blocks 4-7 first, then WG0's 0-3 and 8.
+__device__ __forceinline__ void qk_wg1(float (&s)[32], uint32_t q_smem, uint32_t stage, uint32_t stage_bars,
+                                       uint32_t parity) {
+  wgmma_fence();
+  qk_blocks<4, 5, 6, 7, 0, 1, 2, 3, 8>(s, q_smem, stage, stage_bars, parity, true);
+  wgmma_commit();
+}
+
 // cp.async of column blocks [CB0, CB0 + NB) of one tile into a stage, each followed by the arrival
 // on its block's barrier.
 template <int CB0, int NB>
@@ -191,20 +210,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
   float* s_scale0 = reinterpret_cast<float*>(smem + kSsSmemScale0);
   float* s_scale1 = reinterpret_cast<float*>(smem + kSsSmemScale1);
 
-  const int hblock = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
-  const int h0 = hblock * kHeads;
+  const int split = blockIdx.y, b = blockIdx.z;
+  const int h0 = blockIdx.x * kHeads;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int len = min(max(p.seq_lens[b], 0), p.max_pages * p.page_size);
-  const int ntiles = (len + kTileN - 1) / kTileN;
-  const int per_split = (ntiles + p.num_splits - 1) / p.num_splits;
-  const int t_begin = split * per_split;
-  const int n = min(ntiles, t_begin + per_split) - t_begin;
-  const int t_end = t_begin + n;
+  const SplitTiles sp = split_tiles(p, b, split, kPair);
+  const int len = sp.len, t_begin = sp.t_begin, n = sp.n, t_end = t_begin + n;
+  const bool exchange = sp.exchange, final_out = sp.final_out;
   const float ninf = -__int_as_float(0x7f800000);
-  const bool exchange = kPair && ntiles > per_split;
-  const bool final_out = p.num_splits == 1 || (kPair && !exchange);
-
-  if (n <= 0) {
+  if (n <= 0) {  // empty split (or empty sequence): zeros and -inf
     if (!(kPair && split == 1)) write_empty_split(p, b, split, h0, final_out);
     return;
   }
@@ -268,17 +281,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
   const uint32_t bar0 = bars, bar1 = bars + kBlocks * 8;
   if (wg == 0) {
     // ---------------- WG0: tiles t0 of each pair, O[:, 0:256] ----------------
-    const uint64_t dq = opaque(desc_k_sw128(q_smem)), dk = opaque(desc_k_sw128(st0));
     wgmma_fence();
-    qk_block<0, true>(s, dq, dk, bar0 + 0 * 8, 0);
-    qk_block<1, false>(s, dq, dk, bar0 + 1 * 8, 0);
-    qk_block<2, false>(s, dq, dk, bar0 + 2 * 8, 0);
-    qk_block<3, false>(s, dq, dk, bar0 + 3 * 8, 0);
-    qk_block<4, false>(s, dq, dk, bar0 + 4 * 8, 0);
-    qk_block<5, false>(s, dq, dk, bar0 + 5 * 8, 0);
-    qk_block<6, false>(s, dq, dk, bar0 + 6 * 8, 0);
-    qk_block<7, false>(s, dq, dk, bar0 + 7 * 8, 0);
-    qk_block<8, false>(s, dq, dk, bar0 + 8 * 8, 0);
+    qk_blocks<0, 1, 2, 3, 4, 5, 6, 7, 8>(s, q_smem, st0, bar0, 0, true);
     wgmma_commit();
     for (int k = 0; k < npairs; ++k) {
       const int t0 = t_begin + 2 * k;
@@ -338,12 +342,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
       wgmma_commit();
       if (next) {
         // S0 of the next pair: blocks 0-3 (loaded above) while PV1_L runs, then 4-8
-        const uint64_t dq = opaque(desc_k_sw128(q_smem)), dk = opaque(desc_k_sw128(st0));
         wgmma_fence();
-        qk_block<0, true>(s, dq, dk, bar0 + 0 * 8, par);
-        qk_block<1, false>(s, dq, dk, bar0 + 1 * 8, par);
-        qk_block<2, false>(s, dq, dk, bar0 + 2 * 8, par);
-        qk_block<3, false>(s, dq, dk, bar0 + 3 * 8, par);
+        qk_blocks<0, 1, 2, 3>(s, q_smem, st0, bar0, par, true);
         wgmma_commit();
         wgmma_wait<1>();  // PV1_L complete: stage 1's blocks 0-3 and 8 (P1's) are free
         reg_fence(o);
@@ -352,11 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
           load_blocks<0, 4>(rows, st1, wt, bar1);
           load_blocks<8, 1>(rows, st1, wt, bar1);
         }
-        qk_block<4, false>(s, dq, dk, bar0 + 4 * 8, par);
-        qk_block<5, false>(s, dq, dk, bar0 + 5 * 8, par);
-        qk_block<6, false>(s, dq, dk, bar0 + 6 * 8, par);
-        qk_block<7, false>(s, dq, dk, bar0 + 7 * 8, par);
-        qk_block<8, false>(s, dq, dk, bar0 + 8 * 8, par);
+        qk_blocks<4, 5, 6, 7, 8>(s, q_smem, st0, bar0, par, false);
         wgmma_commit();
       }
     }
@@ -364,18 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
     reg_fence(o);
   } else {
     // ---------------- WG1: tiles t1 of each pair, O[:, 256:512] ----------------
-    const uint64_t dq = opaque(desc_k_sw128(q_smem)), dk = opaque(desc_k_sw128(st1));
-    wgmma_fence();
-    qk_block<4, true>(s, dq, dk, bar1 + 4 * 8, 0);
-    qk_block<5, false>(s, dq, dk, bar1 + 5 * 8, 0);
-    qk_block<6, false>(s, dq, dk, bar1 + 6 * 8, 0);
-    qk_block<7, false>(s, dq, dk, bar1 + 7 * 8, 0);
-    qk_block<0, false>(s, dq, dk, bar1 + 0 * 8, 0);
-    qk_block<1, false>(s, dq, dk, bar1 + 1 * 8, 0);
-    qk_block<2, false>(s, dq, dk, bar1 + 2 * 8, 0);
-    qk_block<3, false>(s, dq, dk, bar1 + 3 * 8, 0);
-    qk_block<8, false>(s, dq, dk, bar1 + 8 * 8, 0);
-    wgmma_commit();
+    qk_wg1(s, q_smem, st1, bar1, 0);
     for (int k = 0; k < npairs; ++k) {
       const int t1 = t_begin + 2 * k + 1;
       const bool next = k + 1 < npairs;
@@ -424,18 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
         reg_fence(o);
         load_blocks<4, 5>(tile_rows(p, bt_row, t1 + 1, tile_lim(t1 + 1), wt), st0, wt, bar0);
         // S1 of the next pair: blocks 4-7 (loaded above), then 0-3 and 8 (loaded by WG0)
-        const uint64_t dq = opaque(desc_k_sw128(q_smem)), dk = opaque(desc_k_sw128(st1));
-        wgmma_fence();
-        qk_block<4, true>(s, dq, dk, bar1 + 4 * 8, par);
-        qk_block<5, false>(s, dq, dk, bar1 + 5 * 8, par);
-        qk_block<6, false>(s, dq, dk, bar1 + 6 * 8, par);
-        qk_block<7, false>(s, dq, dk, bar1 + 7 * 8, par);
-        qk_block<0, false>(s, dq, dk, bar1 + 0 * 8, par);
-        qk_block<1, false>(s, dq, dk, bar1 + 1 * 8, par);
-        qk_block<2, false>(s, dq, dk, bar1 + 2 * 8, par);
-        qk_block<3, false>(s, dq, dk, bar1 + 3 * 8, par);
-        qk_block<8, false>(s, dq, dk, bar1 + 8 * 8, par);
-        wgmma_commit();
+        qk_wg1(s, q_smem, st1, bar1, par);
       }
     }
     wgmma_wait<0>();

@@ -399,6 +399,26 @@ __device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float 
   }
 }
 
+// The tiles of KV split `split` of sequence b: [t_begin, t_begin + n) of its ntiles tiles (n <= 0:
+// none). Paired splits exchange only when split 1 holds tiles; otherwise split 0 has the whole
+// sequence and writes the final out and lse itself, and split 1 (empty) writes nothing.
+struct SplitTiles {
+  int len, t_begin, n;
+  bool exchange;   // paired, and both splits hold tiles: merge_pair
+  bool final_out;  // this CTA writes the bf16 out and the lse (else its split's partials)
+};
+__device__ __forceinline__ SplitTiles split_tiles(const MlaDecodeParams& p, int b, int split, bool pair) {
+  SplitTiles t;
+  t.len = min(max(p.seq_lens[b], 0), p.max_pages * p.page_size);
+  const int ntiles = (t.len + kTileN - 1) / kTileN;
+  const int per_split = (ntiles + p.num_splits - 1) / p.num_splits;
+  t.t_begin = split * per_split;
+  t.n = min(ntiles, t.t_begin + per_split) - t.t_begin;
+  t.exchange = pair && ntiles > per_split;
+  t.final_out = p.num_splits == 1 || (pair && !t.exchange);
+  return t;
+}
+
 // An empty split (or an empty sequence): zeros and -inf, into the final out and lse or into this
 // split's partials. Every thread of the CTA calls it.
 __device__ __forceinline__ void write_empty_split(const MlaDecodeParams& p, int b, int split, int h0, bool final_out) {
@@ -486,20 +506,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_wgmma_kernel(const __g
   float* s_alpha = reinterpret_cast<float*>(smem + kSmemAlpha);
   float* s_inv = reinterpret_cast<float*>(smem + kSmemInv);
 
-  const int hblock = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
-  const int h0 = hblock * kHeads;
+  const int split = blockIdx.y, b = blockIdx.z;
+  const int h0 = blockIdx.x * kHeads;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int len = min(max(p.seq_lens[b], 0), p.max_pages * p.page_size);
-  const int ntiles = (len + kTileN - 1) / kTileN;
-  const int per_split = (ntiles + p.num_splits - 1) / p.num_splits;
-  const int t_begin = split * per_split;
-  const int n = min(ntiles, t_begin + per_split) - t_begin;
+  const SplitTiles sp = split_tiles(p, b, split, kPair);
+  const int len = sp.len, t_begin = sp.t_begin, n = sp.n;
+  const bool exchange = sp.exchange, final_out = sp.final_out;
   const float ninf = -__int_as_float(0x7f800000);
-  // Paired splits exchange only when split 1 holds tiles; otherwise split 0 has the whole sequence
-  // and writes the final out and lse itself, and split 1 (empty) writes nothing.
-  const bool exchange = kPair && ntiles > per_split;
-  const bool final_out = p.num_splits == 1 || (kPair && !exchange);
-
   if (n <= 0) {  // empty split (or empty sequence): zeros and -inf
     if (!(kPair && split == 1)) write_empty_split(p, b, split, h0, final_out);
     return;

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _roofline import bf16_matmul_rate, hbm_bandwidth, time_us  # noqa: E402
 
 R, D, PAGE = 512, 64, 64
-NAMES = {0: "mma.sync", 1: "wgmma", 2: "wgmma-eager", 3: "wgmma-fenced"}
+NAMES = {0: "mma.sync", 1: "wgmma", 2: "wgmma-eager", 3: "wgmma-fenced", 4: "wgmma-seesaw"}
 WGMMA_MIN_HEADS = 64
 
 

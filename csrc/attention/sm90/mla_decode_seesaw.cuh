@@ -64,7 +64,11 @@ constexpr int kSsSmemScale1 = kSsSmemScale0 + kHeads * 4;
 constexpr int kSsSmemL = kSsSmemScale1 + kHeads * 4;
 constexpr int kSsSmemInv = kSsSmemL + kHeads * 4;
 constexpr int kSsSmemLse = kSsSmemInv + kHeads * 4;
-constexpr int kSsSmemUsed = kSsSmemLse + kHeads * 4;
+// The next pair's cache rows: element offsets of its 2 x 64 tokens (-1: past the end, zero-filled),
+// double-buffered by pair parity; written by WG1 (one token a thread) while it waits for WG0's
+// softmax, so that no loader waits for a block-table read at its load point.
+constexpr int kSsSmemRows = kSsSmemLse + kHeads * 4;
+constexpr int kSsSmemUsed = kSsSmemRows + 2 * 2 * kTileN * 8;
 constexpr int kSsSmemBytes = kSsSmemUsed + 1024;  // slack to align the base to 1024 bytes
 static_assert(kSsSmemBytes <= 232448, "over the sm90 opt-in shared-memory limit");
 static_assert(kSmemPartnerLse + kHeads * 4 <= kSsSmemBar, "the partner's output fits in the KV stages");
@@ -120,6 +124,20 @@ __device__ __forceinline__ void load_blocks(const TileRows& t, uint32_t stage, i
     }
     cp_async_arrive_noinc(stage_bars + cb * 8);
   }
+}
+
+// This thread's 4 cache rows of one tile from its prefetched element offsets (see kSsSmemRows).
+__device__ __forceinline__ TileRows rows_of(const MlaDecodeParams& p, const int64_t* offs, int wt) {
+  const auto* cache = static_cast<const __nv_bfloat16*>(p.cache) + (wt % 8) * 8;
+  TileRows t;
+  t.valid = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int64_t off = offs[wt / 8 + 16 * k];
+    t.src[k] = cache + (off >= 0 ? off : 0);
+    if (off >= 0) t.valid |= 1u << k;
+  }
+  return t;
 }
 
 // Stores a 64 x 64 bf16 P (this thread's A fragments) K-major into an 8 KB block.
@@ -209,6 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
   float* s_m = reinterpret_cast<float*>(smem + kSsSmemM);
   float* s_scale0 = reinterpret_cast<float*>(smem + kSsSmemScale0);
   float* s_scale1 = reinterpret_cast<float*>(smem + kSsSmemScale1);
+  int64_t* s_rows = reinterpret_cast<int64_t*>(smem + kSsSmemRows);
 
   const int split = blockIdx.y, b = blockIdx.z;
   const int h0 = blockIdx.x * kHeads;
@@ -288,6 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
       const int t0 = t_begin + 2 * k;
       const bool next = k + 1 < npairs;
       const uint32_t par = (k + 1) & 1;  // parity of the next pair's fills
+      const int64_t* next_rows = s_rows + par * 2 * kTileN;  // written by WG1 before SCALE1
       wgmma_wait<0>();  // S0 (and everything before) complete
       reg_fence(s);
       reg_fence(o);
@@ -316,8 +336,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
         for (int r = 0; r < 4; ++r) reg_fence(pb[kk][r]);
 
       // stage 0's blocks 0-3 for the next pair (their last reader, PV0_L, is done)
-      if (next) load_blocks<0, 4>(tile_rows(p, bt_row, t0 + 2, tile_lim(t0 + 2), wt), st0, wt, bar0);
-      named_sync(kNbScale1, kThreads);  // m1 and scale1 published; WG1's S1 and softmax done
+      named_sync(kNbScale1, kThreads);  // m1 and scale1, the next pair's rows published; S1 done
+      if (next) load_blocks<0, 4>(rows_of(p, next_rows, wt), st0, wt, bar0);
       const float c0 = s_scale1[row0], c1 = s_scale1[row1];
       const bool rescale = __any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f);
       if (rescale) {
@@ -348,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
         wgmma_wait<1>();  // PV1_L complete: stage 1's blocks 0-3 and 8 (P1's) are free
         reg_fence(o);
         {  // stage 1's blocks 0-3 and 8 (P1's) for the next pair
-          const TileRows rows = tile_rows(p, bt_row, t0 + 3, tile_lim(t0 + 3), wt);
+          const TileRows rows = rows_of(p, next_rows + kTileN, wt);
           load_blocks<0, 4>(rows, st1, wt, bar1);
           load_blocks<8, 1>(rows, st1, wt, bar1);
         }
@@ -365,6 +385,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
       const int t1 = t_begin + 2 * k + 1;
       const bool next = k + 1 < npairs;
       const uint32_t par = (k + 1) & 1;
+      int64_t* next_rows = s_rows + par * 2 * kTileN;
+      // the next pair's rows: token wt of tiles t1 + 1, t1 + 2 (its block-table read overlaps the waits)
+      const int tok = (t1 + 1) * kTileN + wt;
+      const bool row_valid = next && tok < tile_lim(t1 + 1 + wt / kTileN);
+      const int page = row_valid ? __ldg(bt_row + tok / p.page_size) : 0;
       wgmma_wait<0>();  // S1 complete
       reg_fence(s);
       reg_fence(o);
@@ -375,6 +400,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
                    p.rescale_slack, c0, c1, sum0, sum1);
       if (q4 == 0) s_scale1[row0] = c0, s_scale1[row1] = c1;
       const float f0 = s_scale0[row0] * c0, f1 = s_scale0[row1] * c1;
+      if (next)
+        next_rows[wt] = row_valid ? page * p.page_stride + static_cast<int64_t>(tok % p.page_size) * p.token_stride : -1;
       named_arrive(kNbScale1, kThreads);
       l0 = l0 * f0 + sum0, l1 = l1 * f1 + sum1;
       pack_p(pb, s);
@@ -404,10 +431,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
           for (int r = 0; r < 4; ++r) reg_fence(pb[kk][r]);
-        load_blocks<4, 4>(tile_rows(p, bt_row, t1 + 2, tile_lim(t1 + 2), wt), st1, wt, bar1);
+        load_blocks<4, 4>(rows_of(p, next_rows + kTileN, wt), st1, wt, bar1);
         wgmma_wait<0>();  // PV0_R complete: stage 0's blocks 4-8 (P0's included) are free
         reg_fence(o);
-        load_blocks<4, 5>(tile_rows(p, bt_row, t1 + 1, tile_lim(t1 + 1), wt), st0, wt, bar0);
+        load_blocks<4, 5>(rows_of(p, next_rows, wt), st0, wt, bar0);
         // S1 of the next pair: blocks 4-7 (loaded above), then 0-3 and 8 (loaded by WG0)
         qk_wg1(s, q_smem, st1, bar1, par);
       }

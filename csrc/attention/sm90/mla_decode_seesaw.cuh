@@ -9,24 +9,28 @@
 // softmax's latency (one tile: ~2,170 tensor cycles of work, ~4,200 measured). Here each pair of
 // tiles (t0 in stage 0, t1 in stage 1) is split between the warpgroups, both holding one 64 x 256
 // half of O (WG0 columns 0-255 = "L", WG1 256-511 = "R"):
-//   WG0: S0 = Q K0^T; softmax against the running max m -> m0, scale0 = 2^(m - m0), P0; O_L *= scale0;
-//        O_L += P0 V0_L (P0 from registers); once WG1 has published scale1 = 2^(m0 - m1):
-//        P0 *= scale1 -> shared (sP0); O_L *= scale1; O_L += P1 V1_L (P1 from shared).
-//   WG1: S1 = Q K1^T; once WG0 has published m0: softmax against m0 -> m1, scale1, P1 -> shared (sP1);
-//        O_R *= scale0 scale1; O_R += P1 V1_R (registers); O_R += sP0 V0_R (shared).
-// O_L and O_R both end relative to m1; l is kept per warpgroup (WG0 the sums of P0, WG1 of P1, each
-// scaled like its O) and added at the end. With the lazy rescale (rescale_slack, as in the eager
-// kernel) the scales are exactly 1 nearly always, and every multiply by them is skipped per warp.
+//   WG0: S0 = Q K0^T; softmax against the running max m -> m0, scale0 = 2^(m - m0), P0 (-> shared);
+//        O_L *= scale0; O_L += P0 V0_L (P0 from registers); once WG1 has published scale1 =
+//        2^(m0 - m1) and P1: O_L *= scale1; O_L += P1 V1_L (P1 from shared).
+//   WG1: S1 = Q K1^T; once WG0 has published m0, scale0 and P0: O_R *= scale0; O_R += P0 V0_R (P0
+//        from shared), and while that runs the softmax against m0 -> m1, scale1, P1 (-> shared);
+//        O_R *= scale1 (rare: only when a row's max moved again, after waiting for P0 V0_R);
+//        O_R += P1 V1_R (registers).
+// So O_L = (O_L scale0 + P0 V0_L) scale1 + P1 V1_L and O_R the same, both relative to m1; l is kept
+// per warpgroup (WG0 the sums of P0, WG1 of P1, each scaled like its O) and added at the end. With
+// the lazy rescale (rescale_slack, as in the eager kernel) the scales are exactly 1 nearly always,
+// and every multiply by them is skipped per warp. Both PVs of t0 are issued as soon as P0 exists, so
+// stage 0 is free (and refilled) early, under the PVs of t1.
 //
 // Tensor work per pair and warpgroup: one QK (36 k-steps of m64n64k16) and two PV halves (8 of
 // m64n256k16): balanced, where the eager kernel gave all QKs to WG0.
 //
-// Shared memory (1024-byte aligned, 222,864 bytes used): Q 64 x 576, two KV stages of 64 tokens, 18
-// mbarriers (one per column block and stage), and per head: m, scale0, scale1, l (WG0's), 1/l, lse.
-// P0 and P1 go into the rope blocks (column block 8) of their own tiles' stages: free once that
-// tile's QK is done, and refilled only after the last reader of P (see the loads below). (FlashMLA
-// instead keeps Q's rope block in registers and P1 in its place; that costs 16 registers a thread,
-// which here spilled.)
+// Shared memory (1024-byte aligned, 224,912 bytes used): Q 64 x 576, two KV stages of 64 tokens, 18
+// mbarriers (one per column block and stage), per head m, scale0, scale1, l (WG0's), 1/l, lse, and
+// the cache rows of the next pairs (kSsSmemRows). P0 and P1 go into the rope blocks (column block
+// 8) of their own tiles' stages: free once that tile's QK is done, and refilled only after the last
+// reader of P (see the loads below). (FlashMLA instead keeps Q's rope block in registers and P1 in
+// its place; that costs 16 registers a thread, which here spilled.)
 //
 // Loads: cp.async by the warpgroup that frees the blocks, one mbarrier per (stage, column block)
 // counting that warpgroup's 128 arrivals (cp.async.mbarrier.arrive.noinc after each block's copies,
@@ -35,20 +39,21 @@
 //            read by its PV0_R);
 //   stage 1: WG0 loads blocks 0-3 and 8 (V1_L and P1, last read by its PV1_L), WG1 blocks 4-7 (V1_R,
 //            last read by its PV1_R).
-//   (The QKs, the other readers, are done before the softmaxes that the barriers below order.) So
-//   the next pair's blocks are loaded as soon as their last reader is done, by that reader's
-//   warpgroup, with no empty barriers; the QKs consume blocks in the order they are freed (WG0:
-//   0-3 then 4-8; WG1: 4-7, then 0-3 and 8).
+//   (A tile's QK, its other reader, is done before the softmax that publishes its P.) So the next
+//   pair's blocks are loaded as soon as their last reader is done, by that reader's warpgroup, with
+//   no empty barriers; the QKs consume blocks in the order they are freed (WG0: 0-3 then 4-8; WG1:
+//   4-7, then 0-3 and 8). The rows come from shared memory (kSsSmemRows): a block-table read at a
+//   load point put its latency on the critical path (measured: 58 against 49 us at 32 x 2000).
 // A pair past the split's last tile (odd tile counts) gets a phantom second tile: zero-filled (no
 // reads) and masked to -inf, so p = 0 and it adds nothing.
 //
-// Named barriers between the warpgroups (one arrive side, one sync side, each instance completed
-// before the next can start: every arrive of iteration k+1 follows a sync on the other warpgroup's
-// arrive of iteration k): SCALE0 (WG0 wrote m0 and scale0), SCALE1 (WG1 wrote m1 and scale1; its
-// QK of t1 and softmax are done), P0 (sP0 stored), PV0R (WG1 issued its PV reading sP0, and sP1 is
-// stored and fenced). The hazards on the shared P buffers: sP0 is rewritten in iteration k+1 only
-// after SCALE1(k+1), which WG1 arrives after waiting for its PV0_R(k); sP1 is rewritten after
-// SCALE0(k+1), which WG0 arrives after waiting for its PV1_L(k).
+// Two named barriers between the warpgroups, each with one arrive side and one sync side; every
+// arrive of iteration k+1 follows a sync on the other warpgroup's arrive of iteration k, so an
+// instance completes before the next starts: SCALE0 (WG0 wrote m0, scale0 and P0, fenced) and
+// SCALE1 (WG1 wrote m1, scale1 and P1, fenced, and the rows of the pair after next). The buffers
+// they do not order are ordered by the loads: P0's block is refilled by WG1 after its PV0_R, and
+// WG0 writes the next P0 only after the QK that waited for that refill (P1 likewise, with WG0's
+// PV1_L and WG1's QK).
 #pragma once
 
 #include "attention/sm90/mla_decode_wgmma.cuh"
@@ -64,9 +69,10 @@ constexpr int kSsSmemScale1 = kSsSmemScale0 + kHeads * 4;
 constexpr int kSsSmemL = kSsSmemScale1 + kHeads * 4;
 constexpr int kSsSmemInv = kSsSmemL + kHeads * 4;
 constexpr int kSsSmemLse = kSsSmemInv + kHeads * 4;
-// The next pair's cache rows: element offsets of its 2 x 64 tokens (-1: past the end, zero-filled),
-// double-buffered by pair parity; written by WG1 (one token a thread) while it waits for WG0's
-// softmax, so that no loader waits for a block-table read at its load point.
+// Cache rows of a pair: element offsets of its 2 x 64 tokens (-1: past the end, zero-filled),
+// double-buffered by pair parity. Pair j's are written by WG1 (one token a thread) in iteration
+// j - 2, its block-table read under the waits of that iteration, and read by the loaders in
+// iteration j - 1, so that no loader waits for a block-table read at its load point.
 constexpr int kSsSmemRows = kSsSmemLse + kHeads * 4;
 constexpr int kSsSmemUsed = kSsSmemRows + 2 * 2 * kTileN * 8;
 constexpr int kSsSmemBytes = kSsSmemUsed + 1024;  // slack to align the base to 1024 bytes
@@ -74,7 +80,7 @@ static_assert(kSsSmemBytes <= 232448, "over the sm90 opt-in shared-memory limit"
 static_assert(kSmemPartnerLse + kHeads * 4 <= kSsSmemBar, "the partner's output fits in the KV stages");
 
 // named barriers (0 is __syncthreads; 3 and 4 as in the eager kernel)
-constexpr int kNbScale0 = 5, kNbScale1 = 6, kNbP0 = 7, kNbPV0R = 8, kNbAll = 9;
+constexpr int kNbScale0 = 5, kNbScale1 = 6, kNbAll = 7;
 
 // The 4 k-steps of column block CB of S = Q K^T, once the block has landed; the first k-step of the
 // whole product (kFirst) only writes the accumulators.
@@ -282,9 +288,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
       load_blocks<4, 4>(rows, stage, wt, sb);
     if ((wg == 0) == (i == 1)) load_blocks<8, 1>(rows, stage, wt, sb);  // stage 0's by WG1, stage 1's by WG0
   }
+  if (wg == 1 && n > 2) {  // the second pair's rows (the loop stores each later pair's an iteration ahead)
+    const int tok = (t_begin + 2) * kTileN + wt, lim = tile_lim(t_begin + 2 + wt / kTileN);
+    s_rows[2 * kTileN + wt] = tok < lim ? __ldg(bt_row + tok / p.page_size) * p.page_stride +
+                                              static_cast<int64_t>(tok % p.page_size) * p.token_stride
+                                        : -1;
+  }
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");  // Q (the tiles are not in a group)
   fence_proxy_async();
-  named_sync(kNbAll, kThreads);  // all of Q has landed
+  named_sync(kNbAll, kThreads);  // all of Q has landed, the second pair's rows are stored
 
   const uint32_t q_smem = sbase + kSmemQ;
   const int npairs = (n + 1) / 2;
@@ -298,6 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
 
   const uint32_t st0 = sbase + kSmemKv, st1 = st0 + kTileBytes;
   const uint32_t bar0 = bars, bar1 = bars + kBlocks * 8;
+  const uint32_t p0_smem = st0 + kRopeBlock * kBlockBytes, p1_smem = st1 + kRopeBlock * kBlockBytes;
   if (wg == 0) {
     // ---------------- WG0: tiles t0 of each pair, O[:, 0:256] ----------------
     wgmma_fence();
@@ -307,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
       const int t0 = t_begin + 2 * k;
       const bool next = k + 1 < npairs;
       const uint32_t par = (k + 1) & 1;  // parity of the next pair's fills
-      const int64_t* next_rows = s_rows + par * 2 * kTileN;  // written by WG1 before SCALE1
+      const int64_t* next_rows = s_rows + par * 2 * kTileN;  // written by WG1 an iteration ago
       wgmma_wait<0>();  // S0 (and everything before) complete
       reg_fence(s);
       reg_fence(o);
@@ -317,8 +330,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
       if (q4 == 0) s_scale0[row0] = a0, s_scale0[row1] = a1;
       l0 = l0 * a0 + sum0, l1 = l1 * a1 + sum1;
       pack_p(pb, s);
-      if (k > 0 && __any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) scale_o(o, a0, a1);
+      store_p(smem + (p0_smem - sbase), pb, row0, row1, g, q4);
+      fence_proxy_async();  // P0 is read by WG1's wgmma
       named_arrive(kNbScale0, kThreads);
+      if (k > 0 && __any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) scale_o(o, a0, a1);
 
       // O_L += P0 V0_L
       wgmma_fence();
@@ -334,28 +349,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int r = 0; r < 4; ++r) reg_fence(pb[kk][r]);
-
       // stage 0's blocks 0-3 for the next pair (their last reader, PV0_L, is done)
-      named_sync(kNbScale1, kThreads);  // m1 and scale1, the next pair's rows published; S1 done
       if (next) load_blocks<0, 4>(rows_of(p, next_rows, wt), st0, wt, bar0);
-      const float c0 = s_scale1[row0], c1 = s_scale1[row1];
-      const bool rescale = __any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f);
-      if (rescale) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) s[4 * j] *= c0, s[4 * j + 1] *= c0, s[4 * j + 2] *= c1, s[4 * j + 3] *= c1;
-        pack_p(pb, s);
-      }
-      store_p(smem + kSmemKv + kRopeBlock * kBlockBytes, pb, row0, row1, g, q4);
-      fence_proxy_async();  // sP0 is read next by WG1's wgmma
-      named_arrive(kNbP0, kThreads);
 
-      named_sync(kNbPV0R, kThreads);  // sP1 stored
+      named_sync(kNbScale1, kThreads);  // m1, scale1 and P1 published
+      const float c0 = s_scale1[row0], c1 = s_scale1[row1];
       l0 *= c0, l1 *= c1;
-      if (rescale) scale_o(o, c0, c1);
+      if (__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) scale_o(o, c0, c1);
       // O_L += P1 V1_L
       wgmma_fence();
       {
-        const uint64_t dp = opaque(desc_k_sw128(st1 + kRopeBlock * kBlockBytes)), dv = opaque(desc_mn_sw128(st1));
+        const uint64_t dp = opaque(desc_k_sw128(p1_smem)), dv = opaque(desc_mn_sw128(st1));
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16_ss(o, dp + ((kk * 32) >> 4), dv + ((kk * 2048) >> 4));
       }
@@ -367,7 +371,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
         wgmma_commit();
         wgmma_wait<1>();  // PV1_L complete: stage 1's blocks 0-3 and 8 (P1's) are free
         reg_fence(o);
-        {  // stage 1's blocks 0-3 and 8 (P1's) for the next pair
+        {
           const TileRows rows = rows_of(p, next_rows + kTileN, wt);
           load_blocks<0, 4>(rows, st1, wt, bar1);
           load_blocks<8, 1>(rows, st1, wt, bar1);
@@ -385,28 +389,45 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
       const int t1 = t_begin + 2 * k + 1;
       const bool next = k + 1 < npairs;
       const uint32_t par = (k + 1) & 1;
-      int64_t* next_rows = s_rows + par * 2 * kTileN;
-      // the next pair's rows: token wt of tiles t1 + 1, t1 + 2 (its block-table read overlaps the waits)
-      const int tok = (t1 + 1) * kTileN + wt;
-      const bool row_valid = next && tok < tile_lim(t1 + 1 + wt / kTileN);
+      const int64_t* next_rows = s_rows + par * 2 * kTileN;
+      // the rows of the pair after next (token wt of its two tiles): read from the block table now,
+      // stored once the softmax is done, read by the loaders in the next iteration
+      const bool ahead = k + 2 < npairs;
+      const int tok = (t1 + 3) * kTileN + wt;
+      const bool row_valid = ahead && tok < tile_lim(t1 + 3 + wt / kTileN);
       const int page = row_valid ? __ldg(bt_row + tok / p.page_size) : 0;
       wgmma_wait<0>();  // S1 complete
       reg_fence(s);
       reg_fence(o);
-      named_sync(kNbScale0, kThreads);  // m0 and scale0 published
+      named_sync(kNbScale0, kThreads);  // m0, scale0 and P0 published
+      const float a0 = s_scale0[row0], a1 = s_scale0[row1];
+      if (k > 0 && __any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) scale_o(o, a0, a1);
+      // O_R += P0 V0_R, under this warpgroup's softmax
+      wgmma_fence();
+      {
+        const uint64_t dp = opaque(desc_k_sw128(p0_smem)), dv = opaque(desc_mn_sw128(st0 + 4 * kBlockBytes));
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16_ss(o, dp + ((kk * 32) >> 4), dv + ((kk * 2048) >> 4));
+      }
+      wgmma_commit();
       const int lim = tile_lim(t1);
       float c0, c1, sum0, sum1;
       softmax_tile(s, s_m, row0, row1, t1 * kTileN + 2 * q4, lim, t1 * kTileN + kTileN > lim, p.scale_log2,
                    p.rescale_slack, c0, c1, sum0, sum1);
       if (q4 == 0) s_scale1[row0] = c0, s_scale1[row1] = c1;
-      const float f0 = s_scale0[row0] * c0, f1 = s_scale0[row1] * c1;
-      if (next)
-        next_rows[wt] = row_valid ? page * p.page_stride + static_cast<int64_t>(tok % p.page_size) * p.token_stride : -1;
-      named_arrive(kNbScale1, kThreads);
-      l0 = l0 * f0 + sum0, l1 = l1 * f1 + sum1;
+      l0 = l0 * (a0 * c0) + sum0, l1 = l1 * (a1 * c1) + sum1;
       pack_p(pb, s);
-      if (k > 0 && __any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f)) scale_o(o, f0, f1);
-      store_p(smem + kSmemKv + kTileBytes + kRopeBlock * kBlockBytes, pb, row0, row1, g, q4);
+      store_p(smem + (p1_smem - sbase), pb, row0, row1, g, q4);
+      fence_proxy_async();  // P1 is read by WG0's wgmma
+      if (ahead)
+        s_rows[(k & 1) * 2 * kTileN + wt] =
+            row_valid ? page * p.page_stride + static_cast<int64_t>(tok % p.page_size) * p.token_stride : -1;
+      named_arrive(kNbScale1, kThreads);
+      if (__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) {  // rare: O_R's max moved again
+        wgmma_wait<0>();
+        reg_fence(o);
+        scale_o(o, c0, c1);
+      }
       // O_R += P1 V1_R
       wgmma_fence();
       {
@@ -415,26 +436,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_seesaw_kernel(const __
         for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16_rs(o, pb[kk], dv + ((kk * 2048) >> 4));
       }
       wgmma_commit();
-      fence_proxy_async();  // sP1 is read by WG0's wgmma after PV0R
-      named_sync(kNbP0, kThreads);  // sP0 stored
-      // O_R += P0 V0_R
-      {
-        const uint64_t dp = opaque(desc_k_sw128(st0 + kRopeBlock * kBlockBytes)), dv = opaque(desc_mn_sw128(st0 + 4 * kBlockBytes));
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16_ss(o, dp + ((kk * 32) >> 4), dv + ((kk * 2048) >> 4));
-      }
-      wgmma_commit();
-      named_arrive(kNbPV0R, kThreads);
       if (next) {
-        wgmma_wait<1>();  // PV1_R complete: stage 1's blocks 4-7 are free
+        wgmma_wait<1>();  // PV0_R complete: stage 0's blocks 4-8 (P0's included) are free
+        reg_fence(o);
+        load_blocks<4, 5>(rows_of(p, next_rows, wt), st0, wt, bar0);
+        wgmma_wait<0>();  // PV1_R complete: stage 1's blocks 4-7 are free
+        reg_fence(o);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
           for (int r = 0; r < 4; ++r) reg_fence(pb[kk][r]);
         load_blocks<4, 4>(rows_of(p, next_rows + kTileN, wt), st1, wt, bar1);
-        wgmma_wait<0>();  // PV0_R complete: stage 0's blocks 4-8 (P0's included) are free
-        reg_fence(o);
-        load_blocks<4, 5>(rows_of(p, next_rows, wt), st0, wt, bar0);
         // S1 of the next pair: blocks 4-7 (loaded above), then 0-3 and 8 (loaded by WG0)
         qk_wg1(s, q_smem, st1, bar1, par);
       }

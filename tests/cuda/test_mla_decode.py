@@ -27,7 +27,7 @@ from nmoe.serve.ops.attention import mla_decode_paged_ref
 
 R, D = 512, 64
 HUGE_PAGE = 2**31 - 1
-DEFAULT_WGMMA = 2  # what a call without a variant runs at H >= 64
+DEFAULT_WGMMA = 4  # what a call without a variant runs at H >= 64: the seesaw schedule
 WGMMA = [1, 2, 3, 4]  # the wgmma kernel: deferred, eager, deferred + consumer proxy fences, seesaw
 
 
@@ -166,7 +166,7 @@ def test_rejects_bad_inputs():
         ops.mla_decode_paged(q, cache[..., :512], table, seq_lens, 0.1)
 
 
-# ---- the wgmma kernel, each variant forced through `variant` (the default above: eager wgmma at H >= 64) ----
+# ---- the wgmma kernel, each variant forced through `variant` (the default above: seesaw wgmma at H >= 64) ----
 
 
 @pytest.mark.parametrize("variant", WGMMA)
@@ -226,7 +226,7 @@ def test_wgmma_deterministic(variant):
 
 
 def test_wgmma_env_selection(monkeypatch):
-    """The default call: the eager wgmma kernel where H >= 64, or the one NMOE_MLA_WGMMA names."""
+    """The default call: the seesaw wgmma kernel where H >= 64, or the one NMOE_MLA_WGMMA names."""
     ops = _ops()
     lengths = [500, 3000]
     q, cache, table, seq_lens = make_case(lengths, 128, 64, seed=5)

@@ -52,12 +52,11 @@ int sm_count(int device) {
 }
 
 // Which split kernel runs (MlaDecodeImpl). -1 (auto): for H >= 64 the wgmma kernel with the seesaw
-// schedule (3-12% faster than the eager one on the H200 at 128 heads, which is 1.8-2.1x mma.sync;
+// schedule (4-19% faster than the eager one on the H200 at 128 heads, which is 1.8-2.1x mma.sync;
 // docs/kernels.md), unless NMOE_MLA_WGMMA picks another (0 mma.sync, 1 deferred, 2 eager, 3 fenced,
 // 4 seesaw; read on every call, so a change takes effect at once; a CUDA graph keeps the kernel it
-// captured); mma.sync below 64 heads. An explicit
-// wgmma variant with fewer heads is an error rather than a silent fallback, so a test of the wgmma
-// path cannot pass on the other kernel.
+// captured); mma.sync below 64 heads. An explicit wgmma variant with fewer heads is an error rather
+// than a silent fallback, so a test of the wgmma path cannot pass on the other kernel.
 int resolve_impl(int64_t variant, int64_t heads) {
   TORCH_CHECK(variant >= -1 && variant <= 4, kOp, ": variant must be -1 (auto), 0 (mma.sync), 1 (wgmma), 2 (wgmma,",
               " eager schedule), 3 (wgmma with consumer proxy fences) or 4 (wgmma, seesaw schedule), got ", variant);

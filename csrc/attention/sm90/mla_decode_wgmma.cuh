@@ -1,8 +1,8 @@
 // Absorbed MLA decode over the paged latent cache with Hopper `wgmma`, for 64 heads per CTA (the
 // compute-bound case, H >= 64), with the deferred, eager and fenced schedules; the seesaw schedule
-// (mla_decode_seesaw.cuh, the default there) builds on the primitives here. Same split-KV partition, same partial outputs and the same combine
-// kernel as the mma.sync path, except that two splits of the eager schedule merge in the kernel,
-// as a 2-CTA cluster (merge_pair below). The layouts, descriptors and fragment maps below were
+// (mla_decode_seesaw.cuh, the default there) builds on the primitives here. Same split-KV
+// partition, same partial outputs and the same combine kernel as the mma.sync path, except that two
+// splits of the eager (and seesaw) schedule merge in the kernel, as a 2-CTA cluster (merge_pair). The layouts, descriptors and fragment maps below were
 // checked on the host against CuTe (tile_to_shape of GMMA::Layout_{K,MN}_SW128_Atom,
 // make_gmma_desc, CLayout_64xN, ALayout_64x16); the barrier protocol against a randomized-interleaving
 // model.

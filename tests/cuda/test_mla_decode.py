@@ -10,8 +10,8 @@ unwritten by mistake shows up as NaN. Criteria, per case (rows of length > 0):
 
 The wgmma kernel (variant 1: deferred schedule, 2: eager, 3: deferred with a proxy fence after
 each wait for cp.async data, a diagnostic, 4: the seesaw schedule, the two warpgroups taking
-alternate tiles; 64 heads per CTA, H >= 64) runs the same matrix forced
-on through the op's `variant` argument; it must also be bitwise deterministic (a missing barrier
+alternate tiles; 64 heads per CTA, H >= 64) runs the same matrix forced on through the op's
+`variant` argument; it must also be bitwise deterministic (a missing barrier
 shows up as run-to-run differences) and selected by NMOE_MLA_WGMMA only where it applies. Its
 lazy rescale (NMOE_MLA_LAZY, default on) is what every case runs; test_wgmma_lazy_rescale runs
 both settings on scores whose maxima move past the slack.
@@ -252,9 +252,9 @@ def test_wgmma_env_selection(monkeypatch):
 @pytest.mark.parametrize("variant", [2, 4])
 @pytest.mark.parametrize("heads,page_size", [(128, 64), (100, 17)])
 def test_wgmma_paired_splits(monkeypatch, heads, page_size, variant):
-    """32 sequences of 2 head blocks fill 132 SMs with 2 splits: the eager kernel runs them as 2-CTA
-    clusters that merge through distributed shared memory (the eager and the seesaw schedules). It must pass the reference criteria
-    (sequences whose second split is empty, length <= 64, and empty ones included), repeat bit for
+    """32 sequences of 2 head blocks fill 132 SMs with 2 splits: the eager and the seesaw kernels run
+    them as 2-CTA clusters that merge through distributed shared memory. It must pass the reference
+    criteria (sequences whose second split is empty, length <= 64, and empty ones included), repeat bit for
     bit, and agree with the partial outputs + combine kernel (NMOE_MLA_PAIR=0). That agreement is
     to the last bits, not exact: ptxas contracts a few multiply-adds of the tile loop differently
     in the two instantiations (measured on the H200: ~10% of the lse values 1 ulp apart, ~0.005% of

@@ -12,8 +12,11 @@
 # Env:   GPU_SESSION_BUDGET (s, default 540, under one 10-minute device command; each step gets what
 #        is left), GPU_SESSION_AB (settings for benchmarks/ab_env.py separated by "|", e.g.
 #        "|NMOE_MLA_LAZY=0": one round each instead of the plain decode run), GPU_SESSION_DECODE=0
-#        (no decode step at all), OUT (log folder: the device call's returned folder; else
-#        /tmp/gpu_session).
+#        (no decode step at all), GPU_SESSION_SEED=1 (instead of the decode step, the seed's three
+#        benchmarks at the points of issue 9's targets: prefill at 16384 tokens a step with the
+#        decode step, mixed load at a 128-token prefill cap, the 128k long-context smoke; about
+#        500 s, so pass a short test list), OUT (log folder: the device call's returned folder;
+#        else /tmp/gpu_session).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${GPU_SESSION_BUDGET:-540}
@@ -62,6 +65,14 @@ if [ "$built" = 1 ]; then
     ab=()
     for s in "${settings[@]}"; do ab+=(--set "$s"); done
     step ab 300 python3 benchmarks/ab_env.py --rounds 1 "${ab[@]}" -- "${decode[@]}"
+  elif [ "${GPU_SESSION_SEED:-0}" = 1 ]; then
+    sim=(--device cuda --random-weights --simulate-world-size 8)
+    step lmsys 180 python3 -m nmoe.serve.benchmark_lmsys_e2e "${sim[@]}" --prefill-requests 4 --prefill-lens 4096 \
+      --max-prefill-tokens 16384 --chunk-size 4096 --decode-tokens 40
+    step mixed 150 python3 -m nmoe.serve.benchmark_mixed_latency "${sim[@]}" --concurrency 32 --prompt-len 512 \
+      --output-len 32 --duration 8 --backlog 2 --backlog-prompt-len 4096 --baseline-steps 10 --mixed-prefill-tokens 128
+    step long 300 python3 -m nmoe.serve.benchmark_long_context_smoke "${sim[@]}" --prompt-len 131072 \
+      --chunk-size 2048 --output-len 16
   elif [ "${GPU_SESSION_DECODE:-1}" != 0 ]; then
     step decode 120 python3 -m nmoe.serve.benchmark_lmsys_e2e "${decode[@]}"
   fi
@@ -77,4 +88,7 @@ if [ -f "$out/decode.log" ]; then
 print({k: round(d[k], 3) for k in ('decode_step_ms', 'decode_step_p99_ms', 'decode_floor_ms', 'decode_floor_ratio')})" || true
 fi
 [ -f "$out/ab.log" ] && tail -1 "$out/ab.log"
+for name in lmsys mixed long; do  # the last line of each is its JSON figures
+  [ -f "$out/$name.log" ] && echo "$name: $(tail -1 "$out/$name.log" | cut -c1-1500)"
+done
 exit 0

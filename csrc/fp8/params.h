@@ -106,9 +106,7 @@ struct DenseGemmParams {
   X(n128x128c12)                 \
   X(s256x64)                     \
   X(s256x32)                     \
-  X(s256x16)                     \
-  X(w128x128)                    \
-  X(w128x128a)
+  X(s256x16)
 
 #define NMOE_FP8_DECLARE_GEMM_CONFIG(name)                          \
   size_t gemm_workspace_##name(int num_groups, int sm_count);      \

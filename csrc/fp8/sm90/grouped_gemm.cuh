@@ -31,7 +31,6 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/gemm/kernel/tile_scheduler_detail.hpp>
 
-#include "fp8/group_rows.cuh"
 #include "fp8/params.h"
 #include "pdl.cuh"
 
@@ -173,6 +172,21 @@ struct GroupedGemm {
 
   static const char* run(const GroupedGemmParams& p, cudaStream_t stream);
 };
+
+// The rows [row0, row0 + rows) that group g multiplies, from the layout of p.
+__device__ __forceinline__ void group_rows(const GroupedGemmParams& p, int g, int& row0, int& rows) {
+  if (p.layout == GroupLayout::kDense) {
+    row0 = 0;
+    rows = p.m;
+  } else if (p.layout == GroupLayout::kContiguous) {
+    // Clamped so that bad offsets can never address outside A or D.
+    row0 = min(max(p.offsets[g], 0), p.m);
+    rows = min(max(p.offsets[g + 1], row0), p.m) - row0;
+  } else {
+    row0 = g * p.m;
+    rows = min(max(p.counts[g], 0), p.m);
+  }
+}
 
 // The per-group problem shapes, pointers, strides and scale layouts the ptr-array kernel reads,
 // written by threads tid, tid + nthreads, ... (one group each).

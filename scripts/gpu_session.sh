@@ -14,9 +14,9 @@
 #        "|NMOE_MLA_LAZY=0": one round each instead of the plain decode run), GPU_SESSION_DECODE=0
 #        (no decode step at all), GPU_SESSION_SEED=1 (instead of the decode step, the seed's three
 #        benchmarks at the points of issue 9's targets: prefill at 16384 tokens a step with the
-#        decode step, mixed load at a 128-token prefill cap, the 128k long-context smoke; about
-#        500 s, so pass a short test list), OUT (log folder: the device call's returned folder;
-#        else /tmp/gpu_session).
+#        decode step, mixed load at a 128-token prefill cap, the 128k long-context smoke; 330 s
+#        with the build on the H200, so pass a short test list), OUT (log folder: the device
+#        call's returned folder; else /tmp/gpu_session).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${GPU_SESSION_BUDGET:-540}

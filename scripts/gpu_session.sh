@@ -59,14 +59,14 @@ if [ "$built" = 1 ]; then
   tests=("$@")
   [ ${#tests[@]} -gt 0 ] || tests=(tests/cuda tests/test_benchmarks.py)
   step tests 300 python3 -m pytest -q -rf "${tests[@]}"
-  decode=(--device cuda --random-weights --simulate-world-size 8 --prefill-requests 1 --prefill-lens 1024 --decode-tokens 40)
+  sim=(--device cuda --random-weights --simulate-world-size 8)  # one rank of EP8 on this GPU
+  decode=("${sim[@]}" --prefill-requests 1 --prefill-lens 1024 --decode-tokens 40)
   if [ -n "${GPU_SESSION_AB:-}" ]; then
     IFS='|' read -r -a settings <<<"$GPU_SESSION_AB"
     ab=()
     for s in "${settings[@]}"; do ab+=(--set "$s"); done
     step ab 300 python3 benchmarks/ab_env.py --rounds 1 "${ab[@]}" -- "${decode[@]}"
   elif [ "${GPU_SESSION_SEED:-0}" = 1 ]; then
-    sim=(--device cuda --random-weights --simulate-world-size 8)
     step lmsys 180 python3 -m nmoe.serve.benchmark_lmsys_e2e "${sim[@]}" --prefill-requests 4 --prefill-lens 4096 \
       --max-prefill-tokens 16384 --chunk-size 4096 --decode-tokens 40
     step mixed 150 python3 -m nmoe.serve.benchmark_mixed_latency "${sim[@]}" --concurrency 32 --prompt-len 512 \

@@ -76,14 +76,21 @@ struct Cfg {  // a row's parameters, as every sampler reads them
   int k, ntop;
   bool greedy, topk_on, topp_on, minp_on, filtered, proc_top, cand, gumbel;
 };
-__device__ Cfg cfg_of(const SampleParams& p, int64_t r) {
+// A row's parameters as they sit in memory; the chunk kernel copies them into shared memory with the
+// chunk (prefetch), so that no dependent global read lies on an item's path (measured on the H200:
+// one such read per item took a streaming pass over B = 256 rows from 36 to 52 us).
+struct RowArgs {
+  int64_t seed, position;
+  float temperature, top_p, min_p;
+  int32_t top_k;
+};
+__device__ Cfg cfg_from(const SampleParams& p, const RowArgs& a) {
   Cfg c;
-  const float temp = p.temperature[r];
-  c.greedy = !(temp > 0.f);
-  c.t = c.greedy ? 1.f : temp;
-  c.k = p.top_k[r];
-  c.top_p = p.top_p[r];
-  c.min_p = p.min_p[r];
+  c.greedy = !(a.temperature > 0.f);
+  c.t = c.greedy ? 1.f : a.temperature;
+  c.k = a.top_k;
+  c.top_p = a.top_p;
+  c.min_p = a.min_p;
   c.topk_on = !c.greedy && c.k > 0 && c.k < p.vocab;
   c.topp_on = !c.greedy && c.top_p < 1.f;
   c.minp_on = !c.greedy && c.min_p > 0.f;
@@ -93,6 +100,9 @@ __device__ Cfg cfg_of(const SampleParams& p, int64_t r) {
   c.cand = c.filtered || c.ntop > 0;
   c.gumbel = !c.greedy && !c.filtered;
   return c;
+}
+__device__ RowArgs row_args(const SampleParams& p, int64_t r) {
+  return RowArgs{p.seed[r], p.position[r], p.temperature[r], p.top_p[r], p.min_p[r], p.top_k[r]};
 }
 
 struct ChunkSmem {  // a chunk's (the logits themselves are in the dynamic buffers)
@@ -173,7 +183,8 @@ __device__ __forceinline__ Best gumbel_sweep(const float4* x, int n4, int base, 
 }
 
 // Row r's merge (one CTA per row). Returns false when the row is left to the fallback.
-__device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, const Cfg& c, int64_t r, MergeSmem& sh) {
+__device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, const Cfg& c, const RowArgs& a, int64_t r,
+                                          MergeSmem& sh) {
   const int S = w.chunks;
   if (threadIdx.x < S) sh.st[threadIdx.x] = w.stats[r * S + threadIdx.x];
   __syncthreads();
@@ -260,7 +271,7 @@ __device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, 
       }
       K = min(cut, N);
       log_zk = logf(mass[K - 1]);
-      const u32 key = row_key(p.seed[r], p.position[r]);
+      const u32 key = row_key(a.seed, a.position);
       Best g{neg_inf(), INT64_MAX};
       for (int i = threadIdx.x; i < K; i += kT) {
         const int id = key_id(keys[i]);
@@ -339,14 +350,32 @@ __device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, 
   return true;
 }
 
-// Starts the copy of work item `item` (row item / chunks, chunk item % chunks) into buf; a vocabulary
-// tail that is not a whole float4 is stored directly, padded with -inf.
-__device__ __forceinline__ void prefetch(const SampleParams& p, const Work& w, int64_t item, float* buf) {
-  const int64_t r = item / w.chunks;
-  const int begin = static_cast<int>(item % w.chunks) * w.chunk;
-  const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), p.vocab - begin));
+// cp.async of `bytes` (4 or 8) at src into shared memory at dst.
+__device__ __forceinline__ void cp_async_small(void* dst, const void* src, int bytes) {
+  const u32 d = static_cast<u32>(__cvta_generic_to_shared(dst));
+  if (bytes == 8)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+}
+
+// Starts the copy of chunk s of row r into buf, and of its
+// row's parameters into args (one commit group); a vocabulary tail that is not a whole float4 is
+// stored directly, padded with -inf.
+__device__ __forceinline__ void prefetch(const SampleParams& p, const Work& w, int r, int s, float* buf, RowArgs* args) {
+  const int begin = s * w.chunk;
+  const int n = min(w.chunk, static_cast<int>(p.vocab) - begin);
   const float* src = p.logits + r * p.row_stride + begin;
   const u32 sbase = static_cast<u32>(__cvta_generic_to_shared(buf));
+  switch (threadIdx.x) {
+    case kT - 1: cp_async_small(&args->seed, p.seed + r, 8); break;
+    case kT - 2: cp_async_small(&args->position, p.position + r, 8); break;
+    case kT - 3: cp_async_small(&args->temperature, p.temperature + r, 4); break;
+    case kT - 4: cp_async_small(&args->top_p, p.top_p + r, 4); break;
+    case kT - 5: cp_async_small(&args->min_p, p.min_p + r, 4); break;
+    case kT - 6: cp_async_small(&args->top_k, p.top_k + r, 4); break;
+    default: break;
+  }
   for (int q = threadIdx.x; q < n / 4; q += kT)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sbase + 16u * q), "l"(src + 4 * q) : "memory");
   if (n % 4 != 0 && threadIdx.x < 4) {
@@ -356,60 +385,104 @@ __device__ __forceinline__ void prefetch(const SampleParams& p, const Work& w, i
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
-// One chunk out of shared memory (buf: its logits, which become x = v / t): its Stat and candidates.
-__device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, float* buf, ChunkSmem& sh) {
-  const int64_t r = item / w.chunks;
-  const int s = static_cast<int>(item % w.chunks);
-  const int begin = s * w.chunk;
-  const int n = static_cast<int>(min(static_cast<int64_t>(w.chunk), p.vocab - begin));
-  const int n4 = (n + 3) / 4;
-  float4* x4 = reinterpret_cast<float4*>(buf);
-  const Cfg c = cfg_of(p, r);
+// Block-wide max of a float, and min of an int (every thread gets the result).
+__device__ __forceinline__ float block_max(float v, ChunkSmem& sh) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) sh.f4[threadIdx.x / 32].x = v;
+  __syncthreads();
+  float m = sh.f4[0].x;
+  for (int w = 1; w < kT / 32; ++w) m = fmaxf(m, sh.f4[w].x);
+  return m;
+}
+__device__ __forceinline__ int block_min(int v, ChunkSmem& sh) {
+  v = __reduce_min_sync(0xffffffffu, v);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) sh.u[threadIdx.x / 32] = static_cast<u32>(v);
+  __syncthreads();
+  int m = static_cast<int>(sh.u[0]);
+  for (int w = 1; w < kT / 32; ++w) m = min(m, static_cast<int>(sh.u[w]));
+  return m;
+}
 
-  // The max and its lowest id: a thread sees its ids in increasing order, so a strict > keeps the
-  // first; the block merge breaks ties to the lower id.
-  float bv = neg_inf();
-  int bi = kNone;
-  int bad = 0;
+// Pass B of a chunk whose max m is finite: the sums relative to m (zr; zp relative to mx = m / t
+// over x = v / t, which replaces v when kScaled; with kMean the sum and count of the finite x, for
+// the bins' scale) and the lowest id of this thread holding m. An instantiation per case keeps
+// the per-element work to what the row needs: this pass is most of the chunk kernel's instructions.
+template <bool kScaled, bool kMean>
+__device__ __forceinline__ float4 chunk_sums(float4* x4, int n4, int begin, float m, float t, int& bi) {
+  const float mx = m / t;
+  float4 sums = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int q = threadIdx.x; q < n4; q += kT) {
     const float4 f = x4[q];
-    const float e[4] = {f.x, f.y, f.z, f.w};
+    float e[4] = {f.x, f.y, f.z, f.w};
+    if (fmaxf(fmaxf(e[0], e[1]), fmaxf(e[2], e[3])) == m && bi == kNone)  // ids increase per thread
+      bi = begin + 4 * q + (e[0] == m ? 0 : e[1] == m ? 1 : e[2] == m ? 2 : 3);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      bad |= !(e[k] <= 3.402823466e38f) && e[k] != neg_inf();  // NaN or +inf
-      if (e[k] > bv || bi == kNone) bv = e[k], bi = begin + 4 * q + k;
+      sums.x += ex2((e[k] - m) * kL2E);
+      if (kScaled) e[k] = e[k] / t;
+      if (kScaled || kMean) {
+        const bool fin = e[k] > neg_inf();
+        if (kScaled && fin) sums.y += ex2((e[k] - mx) * kL2E);
+        if (kMean && fin) sums.z += e[k], sums.w += 1.f;
+      }
     }
+    if (kScaled) x4[q] = make_float4(e[0], e[1], e[2], e[3]);
   }
-  const Best b = rowwise::block_reduce<kT>(Best{bv, bi}, sh.best);
-  bad = __syncthreads_or(bad);
-  const float m = b.v, mx = m / c.t;
-  const bool finite = m > neg_inf() && !bad;
+  return sums;
+}
+
+// One chunk out of shared memory (buf: its logits, which become x = v / t): its Stat and candidates.
+__device__ void run_chunk(const SampleParams& p, const Work& w, int r, int s, float* buf, const RowArgs& args,
+                          ChunkSmem& sh) {
+  const int begin = s * w.chunk;
+  const int n = min(w.chunk, static_cast<int>(p.vocab) - begin);
+  const int n4 = (n + 3) / 4;
+  float4* x4 = reinterpret_cast<float4*>(buf);
+  const Cfg c = cfg_from(p, args);
+
+  // Pass A: the max alone (fmaxf skips NaN; a NaN is caught by the sums below).
+  float bv = neg_inf();
+  for (int q = threadIdx.x; q < n4; q += kT) {
+    const float4 f = x4[q];
+    bv = fmaxf(bv, fmaxf(fmaxf(f.x, f.y), fmaxf(f.z, f.w)));
+  }
+  const float m = block_max(bv, sh);
   const bool scaled = c.t != 1.f;
 
-  // Sums relative to the max; v becomes x = v / t.
+  // Pass B: the sums relative to the max and the max's lowest id. A NaN anywhere makes zr NaN, so
+  // the row is flagged (as is +inf, the max then); a chunk without a finite value flags its row
+  // only if it holds a NaN.
+  int bi = kNone;
+  int bad = 0;
   float4 sums = make_float4(0.f, 0.f, 0.f, 0.f);  // zr, zp, sum of finite x, their count
-  if (finite) {
-    for (int q = threadIdx.x; q < n4; q += kT) {
-      const float4 f = x4[q];
-      float e[4] = {f.x, f.y, f.z, f.w};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        sums.x += ex2((e[k] - m) * kL2E);
-        if (scaled) e[k] = e[k] / c.t;
-        if (e[k] > neg_inf()) {
-          if (scaled) sums.y += ex2((e[k] - mx) * kL2E);
-          sums.z += e[k], sums.w += 1.f;
-        }
-      }
-      if (scaled) x4[q] = make_float4(e[0], e[1], e[2], e[3]);
-    }
+  if (m > neg_inf() && m < -neg_inf()) {
+    if (scaled)
+      sums = c.cand ? chunk_sums<true, true>(x4, n4, begin, m, c.t, bi) : chunk_sums<true, false>(x4, n4, begin, m, c.t, bi);
+    else
+      sums = c.cand ? chunk_sums<false, true>(x4, n4, begin, m, c.t, bi) : chunk_sums<false, false>(x4, n4, begin, m, c.t, bi);
     sums = block_sum4(sums, sh.f4);
     if (!scaled) sums.y = sums.x;  // x = v
+    bad = isnan(sums.x);
+  } else if (m == neg_inf()) {
+    for (int q = threadIdx.x; q < n4; q += kT) {
+      const float4 f = x4[q];
+      bad |= (f.x == f.x ? 0 : 1) | (f.y == f.y ? 0 : 1) | (f.z == f.z ? 0 : 1) | (f.w == f.w ? 0 : 1);
+    }
+    bad = __syncthreads_or(bad);
+    if (threadIdx.x == 0) bi = begin;  // as the full scan chose: the chunk's first id
+  } else {
+    bad = 1;  // +inf
   }
+  const Best b{m, block_min(bi, sh)};
+  const float mx = m / c.t;
+  const bool finite = m > neg_inf() && !bad;
 
   Best g{neg_inf(), kNone};
   if (finite && c.gumbel) {
-    const u32 key = row_key(p.seed[r], p.position[r]);
+    const u32 key = row_key(args.seed, args.position);
     const float gate = mx + logf(sums.y) - kGumbelMargin;
     // The max element's exact value bounds the winner from below (a finite gate for a redo).
     const Best top{mx + noise_exact(token_hash(key, b.i)), b.i};
@@ -425,9 +498,12 @@ __device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, fl
     for (int i = threadIdx.x; i < kBins; i += kT) sh.hist[i] = 0;
     if (threadIdx.x == 0) sh.n = 0, sh.first = kNone, sh.lo_bits = 0xffffffffu;
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kT) {
-      const float xe = buf[i];
-      if (xe > neg_inf()) atomicAdd(&sh.hist[bin_of(mx - xe, scale, dmax)], 1u);
+    for (int q = threadIdx.x; q < n4; q += kT) {  // the tail's padding is -inf
+      const float4 f = x4[q];
+      const float e[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (e[k] > neg_inf()) atomicAdd(&sh.hist[bin_of(mx - e[k], scale, dmax)], 1u);
     }
     __syncthreads();
     int target = kMinTarget;
@@ -452,12 +528,16 @@ __device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, fl
       __syncthreads();
       last_bin = sh.first;
     }
-    Cand* out = w.cand + (r * w.chunks + s) * kCap;
-    for (int i = threadIdx.x; i < n; i += kT) {
-      const float xe = buf[i];
-      if (!(xe > neg_inf()) || static_cast<int>(bin_of(mx - xe, scale, dmax)) > last_bin) continue;
-      out[atomicAdd(&sh.n, 1)] = Cand{xe, begin + i};
-      atomicMin(&sh.lo_bits, order_bits(xe));
+    Cand* out = w.cand + (static_cast<int64_t>(r) * w.chunks + s) * kCap;
+    for (int q = threadIdx.x; q < n4; q += kT) {
+      const float4 f = x4[q];
+      const float e[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (!(e[k] > neg_inf()) || static_cast<int>(bin_of(mx - e[k], scale, dmax)) > last_bin) continue;
+        out[atomicAdd(&sh.n, 1)] = Cand{e[k], begin + 4 * q + k};
+        atomicMin(&sh.lo_bits, order_bits(e[k]));
+      }
     }
     __syncthreads();
     ncand = sh.n;
@@ -475,7 +555,7 @@ __device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, fl
     st.gv = g.v;
     st.gi = static_cast<int>(g.i);
     st.bad = bad;
-    w.stats[r * w.chunks + s] = st;
+    w.stats[static_cast<int64_t>(r) * w.chunks + s] = st;
   }
 }
 
@@ -484,20 +564,22 @@ __device__ void run_chunk(const SampleParams& p, const Work& w, int64_t item, fl
 __global__ void __launch_bounds__(kT, 3) sample_split_kernel(const SampleParams p, const Work w) {
   extern __shared__ __align__(16) float bufs[];  // [2][kMaxChunk]
   __shared__ ChunkSmem sh;
-  const int64_t items = p.rows * w.chunks;
-  int64_t item = blockIdx.x;
-  if (item < items) prefetch(p, w, item, bufs);
+  __shared__ RowArgs args[2];  // the row parameters of the item in each buffer
+  const int items = static_cast<int>(p.rows) * w.chunks;  // < 2^31: sample_split_suits
+  int item = blockIdx.x;
+  if (item < items) prefetch(p, w, item / w.chunks, item % w.chunks, bufs, &args[0]);
   for (int it = 0; item < items; ++it, item += gridDim.x) {
-    const int64_t next = item + gridDim.x;
+    const int next = item + gridDim.x;
     if (next < items) {
-      prefetch(p, w, next, bufs + ((it + 1) & 1) * kMaxChunk);
+      prefetch(p, w, next / w.chunks, next % w.chunks, bufs + ((it + 1) & 1) * kMaxChunk, &args[(it + 1) & 1]);
       asm volatile("cp.async.wait_group 1;\n" ::: "memory");
     } else {
       asm volatile("cp.async.wait_group 0;\n" ::: "memory");
     }
     __syncthreads();
-    run_chunk(p, w, item, bufs + (it & 1) * kMaxChunk, sh);
-    __syncthreads();  // buf (it & 1) is refilled by the next iteration's prefetch
+    const RowArgs a = args[it & 1];
+    run_chunk(p, w, item / w.chunks, item % w.chunks, bufs + (it & 1) * kMaxChunk, a, sh);
+    __syncthreads();  // buffer (it & 1) and its args are refilled by the next iteration's prefetch
   }
 }
 
@@ -505,7 +587,8 @@ __global__ void __launch_bounds__(kT, 3) sample_split_kernel(const SampleParams 
 __global__ void __launch_bounds__(kT) sample_merge_kernel(const SampleParams p, const Work w) {
   __shared__ MergeSmem sh;
   const int64_t r = blockIdx.x;
-  if (!merge_row(p, w, cfg_of(p, r), r, sh) && threadIdx.x == 0) w.flags[r] = 1;
+  const RowArgs a = row_args(p, r);
+  if (!merge_row(p, w, cfg_from(p, a), a, r, sh) && threadIdx.x == 0) w.flags[r] = 1;
 }
 
 int chunks_of(int64_t vocab) { return static_cast<int>((vocab + kMaxChunk - 1) / kMaxChunk); }
@@ -517,7 +600,8 @@ int64_t stats_bytes(const SampleParams& p) {
 }  // namespace
 
 bool sample_split_suits(const SampleParams& p) {
-  return p.vec4 && p.rows >= 1 && p.vocab <= static_cast<int64_t>(kMaxChunk) * kMaxChunks;
+  return p.vec4 && p.rows >= 1 && p.vocab <= static_cast<int64_t>(kMaxChunk) * kMaxChunks &&
+         p.rows <= 0x7fffffff / kMaxChunks;  // work items are int
 }
 
 int64_t sample_split_workspace_bytes(const SampleParams& p) {

@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
   at::Tensor ws_data, ws_flags;
   if (const int64_t bytes = sample_workspace_bytes(p); bytes > 0) {
     ws_data = at::empty({bytes}, f32.dtype(at::kByte));
-    ws_flags = at::zeros({rows}, f32.dtype(at::kInt));
+    ws_flags = at::zeros({rows + 1}, f32.dtype(at::kInt));
     ws = {ws_data.data_ptr(), ws_flags.data_ptr<int>()};
   }
   const char* err = sample_launch(p, ws, c10::cuda::getCurrentCUDAStream());

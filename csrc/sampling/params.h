@@ -32,15 +32,17 @@ struct SampleParams {
   int num_top;
   bool top_from_processed;
   bool vec4;  // rows start on 16-byte boundaries (float4 loads)
-  const int* row_mask;  // null: every row; else only rows r with row_mask[r] != 0 are sampled
+  // null: every row; else the rows to sample are row_list[1 .. row_list[0]] (in any order: a row's
+  // result does not depend on which block samples it)
+  const int* row_list;
 };
 
 // Scratch of the split sampler (sample_split.cu), allocated by the caller per call: `data` of
-// sample_workspace_bytes(p) bytes (no initial contents needed) and `flags`, rows int32 zeros (set
-// for the rows handed to the fallback).
+// sample_workspace_bytes(p) bytes (no initial contents needed) and `fallback`, rows + 1 int32 zeros:
+// the list (SampleParams::row_list) of the rows handed to the fallback.
 struct SampleWorkspace {
   void* data;
-  int* flags;
+  int* fallback;
 };
 
 // Bytes of SampleWorkspace::data the call needs; 0: the split sampler is not used for this call
@@ -50,7 +52,7 @@ int64_t sample_workspace_bytes(const SampleParams& p);
 // suits it; else the cluster sampler where its shape fits (sample_cluster.cu); else the one-CTA-per-
 // row sampler.
 const char* sample_launch(const SampleParams& p, const SampleWorkspace& ws, cudaStream_t stream);
-// The split sampler (sample_split.cu): rows it does not resolve are flagged in ws.flags.
+// The split sampler (sample_split.cu): rows it does not resolve are listed in ws.fallback.
 bool sample_split_suits(const SampleParams& p);  // the shape: 16-byte rows, vocab <= 131072
 int64_t sample_split_workspace_bytes(const SampleParams& p);
 const char* sample_split_launch(const SampleParams& p, const SampleWorkspace& ws, cudaStream_t stream);

@@ -21,8 +21,12 @@ constexpr int kThreads = 1024;
 
 __global__ void __launch_bounds__(kThreads, 1) sample_rowwise_kernel(const SampleParams p) {
   __shared__ detail::rowwise::Shared sh;
-  if (p.row_mask != nullptr && p.row_mask[blockIdx.x] == 0) return;
-  detail::rowwise::sample_row<kThreads>(p, blockIdx.x, sh);
+  int64_t r = blockIdx.x;
+  if (p.row_list != nullptr) {
+    if (static_cast<int>(blockIdx.x) >= p.row_list[0]) return;
+    r = p.row_list[1 + blockIdx.x];
+  }
+  detail::rowwise::sample_row<kThreads>(p, r, sh);
 }
 
 }  // namespace

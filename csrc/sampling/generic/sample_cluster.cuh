@@ -233,6 +233,7 @@ struct Misc {
   int res_i[4];
   u64 res_u[4];
   u32 ncand;
+  int row_id;  // the row this cluster samples
 };
 
 __device__ __forceinline__ unsigned char* smem_base() {
@@ -797,7 +798,7 @@ __device__ __noinline__ bool load_and_stats(int chunk) {
   if (threadIdx.x == 0) {
     W.C = cl_size();
     W.rank = cl_rank();
-    W.r = cl_id();
+    W.r = ms.row_id;
     W.vocab = static_cast<int>(p.vocab);
     W.chunk = chunk;
     W.lo = static_cast<int>(W.rank) * chunk;
@@ -931,12 +932,12 @@ __device__ __noinline__ bool load_and_stats(int chunk) {
   return isfinite(R.mr) && isfinite(R.m) && R.ir != kNone && R.ip != kNone;
 }
 
+// Samples row `row` with this cluster (every CTA calls it with the same row).
 template <int kT>
-__global__ void __launch_bounds__(kT, kT == 512 ? 2 : 3) sample_cluster_kernel(const SampleParams p, int chunk) {
-  if (p.row_mask != nullptr && p.row_mask[cl_id()] == 0) return;  // the whole cluster: same row
+__device__ __forceinline__ void cluster_row(const SampleParams& p, int chunk, int row) {
   Misc& ms = misc();
   const Row& R = ms.row;
-  if (threadIdx.x == 0) ms.prm = p;
+  if (threadIdx.x == 0) ms.prm = p, ms.row_id = row;
   __syncthreads();
   if (!load_and_stats<kT>(chunk)) {
     fallback_row<kT>();
@@ -1128,6 +1129,23 @@ __global__ void __launch_bounds__(kT, kT == 512 ? 2 : 3) sample_cluster_kernel(c
   write_token(R, R.greedy ? R.ir : token, log_zk);
 }
 
+// A cluster per row; with a row list (kList: the split sampler's leftovers), a persistent grid of
+// clusters over the list, so that an empty list costs one short wave instead of a cluster per row.
+// (Two instantiations: the loop costs the per-row kernel registers, and spills.)
+template <int kT, bool kList>
+__global__ void __launch_bounds__(kT, kT == 512 ? 2 : 3) sample_cluster_kernel(const SampleParams p, int chunk) {
+  if (!kList) {
+    cluster_row<kT>(p, chunk, static_cast<int>(cl_id()));
+    return;
+  }
+  const int count = p.row_list[0];
+  const int clusters = static_cast<int>(gridDim.x / cl_size());
+  for (int i = static_cast<int>(cl_id()); i < count; i += clusters) {
+    cluster_row<kT>(p, chunk, p.row_list[1 + i]);
+    cl_sync();  // no CTA still works on the row (or reads another's shared memory) when the next starts
+  }
+}
+
 // ---------------------------------------------------------------- host side
 
 // Says once on stderr why the cluster sampler is not used (the one-CTA sampler runs instead).
@@ -1139,10 +1157,10 @@ inline void report_unavailable(const char* what, cudaError_t err) {
 
 // Launches the cluster sampler for `ranks` CTAs of kT threads a row; sets `unavailable` (and
 // launches nothing) when the device cannot run that cluster shape.
-template <int kT>
-const char* launch(const SampleParams& p, int ranks, int chunk, cudaStream_t stream, bool& unavailable) {
+template <int kT, bool kList>
+const char* launch_as(const SampleParams& p, int ranks, int chunk, cudaStream_t stream, bool& unavailable) {
   const size_t bytes = std::max(smem_bytes(chunk, cap_of<kT>()), sizeof(rowwise::Shared));
-  auto kernel = sample_cluster_kernel<kT>;
+  auto kernel = sample_cluster_kernel<kT, kList>;
   static size_t set_bytes = 0;
   static bool nonportable = false;
   cudaError_t err = cudaSuccess;
@@ -1167,7 +1185,8 @@ const char* launch(const SampleParams& p, int ranks, int chunk, cudaStream_t str
     nonportable = true;
   }
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.rows * ranks));
+  static int fit[kMaxRanks + 1] = {};  // clusters of this shape resident at once (queried below)
+  int64_t clusters = p.rows;
   cfg.blockDim = dim3(kT);
   cfg.dynamicSmemBytes = bytes;
   cfg.stream = stream;
@@ -1181,16 +1200,20 @@ const char* launch(const SampleParams& p, int ranks, int chunk, cudaStream_t str
   // Whether the device holds the shape at all (a driver query: once per shape and size).
   static size_t checked_bytes[kMaxRanks + 1] = {};
   if (checked_bytes[ranks] < bytes) {
-    int clusters = 0;
-    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
-    if (err != cudaSuccess || clusters < 1) {
+    int active = 0;
+    cfg.gridDim = dim3(static_cast<unsigned>(p.rows * ranks));
+    err = cudaOccupancyMaxActiveClusters(&active, kernel, &cfg);
+    if (err != cudaSuccess || active < 1) {
       cudaGetLastError();
       report_unavailable("no cluster of this shape fits", err);
       unavailable = true;
       return nullptr;
     }
     checked_bytes[ranks] = bytes;
+    fit[ranks] = active;
   }
+  if (kList) clusters = std::min<int64_t>(clusters, fit[ranks]);
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * ranks));
   err = cudaLaunchKernelEx(&cfg, kernel, p, chunk);
   if (err != cudaSuccess) {
     cudaGetLastError();
@@ -1198,6 +1221,12 @@ const char* launch(const SampleParams& p, int ranks, int chunk, cudaStream_t str
     unavailable = true;
   }
   return nullptr;
+}
+
+template <int kT>
+const char* launch(const SampleParams& p, int ranks, int chunk, cudaStream_t stream, bool& unavailable) {
+  return p.row_list != nullptr ? launch_as<kT, true>(p, ranks, chunk, stream, unavailable)
+                               : launch_as<kT, false>(p, ranks, chunk, stream, unavailable);
 }
 
 }  // namespace nmoe::sampling::cluster

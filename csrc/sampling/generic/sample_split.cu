@@ -20,8 +20,8 @@
 // both log-sum-exps, and on the candidates with x >= T* = max T_c - exactly the top of the row in
 // order - sorted, the top-k, top-p and min-p cuts, the Gumbel-max over the kept prefix, the top-n.
 // A row it cannot resolve - a cut or a top-n entry below T* (a kept set deeper than the candidates),
-// a max that is not finite - is flagged in the workspace and sampled afterwards, whole, by the
-// cluster sampler (SampleParams::row_mask). Masses here are float sums in a fixed order (so rows are
+// a max that is not finite - is listed in the workspace and sampled afterwards, whole, by the
+// cluster sampler (SampleParams::row_list). Masses here are float sums in a fixed order (so rows are
 // deterministic and independent of the batch), not the other samplers' 2^-40 fixed point: a top-p
 // boundary token can differ between the samplers when the mass sits within ~1e-6 of p.
 #include <cuda_runtime.h>
@@ -66,7 +66,7 @@ struct Cand {
 struct Work {
   Stat* stats;  // [rows, chunks]
   Cand* cand;   // [rows, chunks, kCap]
-  int* flags;   // [rows] handed to the fallback (zeros at the call's start)
+  int* fallback;  // [1 + rows]: the count, then the rows handed to the fallback (zeros at the start)
   int chunks;
   int chunk;
 };
@@ -588,7 +588,7 @@ __global__ void __launch_bounds__(kT) sample_merge_kernel(const SampleParams p, 
   __shared__ MergeSmem sh;
   const int64_t r = blockIdx.x;
   const RowArgs a = row_args(p, r);
-  if (!merge_row(p, w, cfg_from(p, a), a, r, sh) && threadIdx.x == 0) w.flags[r] = 1;
+  if (!merge_row(p, w, cfg_from(p, a), a, r, sh) && threadIdx.x == 0) w.fallback[1 + atomicAdd(w.fallback, 1)] = static_cast<int>(r);
 }
 
 int chunks_of(int64_t vocab) { return static_cast<int>((vocab + kMaxChunk - 1) / kMaxChunk); }
@@ -614,7 +614,7 @@ const char* sample_split_launch(const SampleParams& p, const SampleWorkspace& ws
   w.chunk = chunk_of(p.vocab, w.chunks);
   w.stats = static_cast<Stat*>(ws.data);
   w.cand = reinterpret_cast<Cand*>(static_cast<char*>(ws.data) + stats_bytes(p));
-  w.flags = ws.flags;
+  w.fallback = ws.fallback;
   constexpr int kDynBytes = 2 * kMaxChunk * static_cast<int>(sizeof(float));
   static bool attr_set = false;
   if (!attr_set) {

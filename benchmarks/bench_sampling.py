@@ -6,8 +6,9 @@ the GPU), beside the time to read the logits once at the copy bandwidth measured
 
 `kernel us` is the op replayed from a CUDA graph (device time: the op's host side - five output
 allocations and the dispatch - is not in it); `eager us` is back-to-back calls from Python.
---kernels: one table per sampler, picked through NMOE_SAMPLE_KERNEL (read at every call): split,
-cluster8 (the default), cluster16, rowwise (the one-CTA-per-row sampler). --profile adds each
+--kernels: one table per sampler, picked through NMOE_SAMPLE_KERNEL (read at every call): split
+(the default from 128 rows), cluster8 (the default below), cluster16, rowwise (the one-CTA-per-row
+sampler). --profile adds each
 kernel's device time per case (torch.profiler).
 """
 

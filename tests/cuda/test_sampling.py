@@ -1,5 +1,5 @@
-"""torch.ops.nmoe.sample on the paths of the split sampler (the default) and the cluster sampler (its
-fallback, and NMOE_SAMPLE_KERNEL=cluster8) that test_kv_sampling_router.py does not reach; every
+"""torch.ops.nmoe.sample on the paths of the split sampler (the default from 128 rows) and the cluster
+sampler (its fallback, and the default below) that test_kv_sampling_router.py does not reach; every
 test runs under both (skipped without CUDA or nmoe._C): raw top-n logprobs at t != 1 (selected before the logits
 become x = v / t), top-k / top-p sets too large for the candidate buffer (a Gumbel sweep over the
 rows in shared memory), fewer kept tokens than top-n entries, top_p = 0, min-p alone, masked (-inf)

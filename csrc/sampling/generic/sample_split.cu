@@ -77,8 +77,9 @@ struct Cfg {  // a row's parameters, as every sampler reads them
   bool greedy, topk_on, topp_on, minp_on, filtered, proc_top, cand, gumbel;
 };
 // A row's parameters as they sit in memory; the chunk kernel copies them into shared memory with the
-// chunk (prefetch), so that no dependent global read lies on an item's path (measured on the H200:
-// one such read per item took a streaming pass over B = 256 rows from 36 to 52 us).
+// chunk (prefetch), so that no dependent global read lies on an item's path (in a probe of this
+// kernel's structure on the H200, one such read per item took a pass over B = 256 rows from 36 to
+// 52 us).
 struct RowArgs {
   int64_t seed, position;
   float temperature, top_p, min_p;
@@ -460,9 +461,11 @@ __device__ void run_chunk(const SampleParams& p, const Work& w, int r, int s, fl
   float4 sums = make_float4(0.f, 0.f, 0.f, 0.f);  // zr, zp, sum of finite x, their count
   if (m > neg_inf() && m < -neg_inf()) {
     if (scaled)
-      sums = c.cand ? chunk_sums<true, true>(x4, n4, begin, m, c.t, bi) : chunk_sums<true, false>(x4, n4, begin, m, c.t, bi);
+      sums = c.cand ? chunk_sums<true, true>(x4, n4, begin, m, c.t, bi)
+                    : chunk_sums<true, false>(x4, n4, begin, m, c.t, bi);
     else
-      sums = c.cand ? chunk_sums<false, true>(x4, n4, begin, m, c.t, bi) : chunk_sums<false, false>(x4, n4, begin, m, c.t, bi);
+      sums = c.cand ? chunk_sums<false, true>(x4, n4, begin, m, c.t, bi)
+                    : chunk_sums<false, false>(x4, n4, begin, m, c.t, bi);
     sums = block_sum4(sums, sh.f4);
     if (!scaled) sums.y = sums.x;  // x = v
     bad = isnan(sums.x);
@@ -588,7 +591,8 @@ __global__ void __launch_bounds__(kT) sample_merge_kernel(const SampleParams p, 
   __shared__ MergeSmem sh;
   const int64_t r = blockIdx.x;
   const RowArgs a = row_args(p, r);
-  if (!merge_row(p, w, cfg_from(p, a), a, r, sh) && threadIdx.x == 0) w.fallback[1 + atomicAdd(w.fallback, 1)] = static_cast<int>(r);
+  if (!merge_row(p, w, cfg_from(p, a), a, r, sh) && threadIdx.x == 0)
+    w.fallback[1 + atomicAdd(w.fallback, 1)] = static_cast<int>(r);
 }
 
 int chunks_of(int64_t vocab) { return static_cast<int>((vocab + kMaxChunk - 1) / kMaxChunk); }

@@ -1,8 +1,8 @@
 // Which sampler runs a call: NMOE_SAMPLE_KERNEL (read at every call, so benchmarks switch it in one
 // process) = "split" (sample_split.cu, its unresolved rows then by the cluster sampler; the default
-// from kSplitMinRows rows), "cluster8" (the default below) / "cluster16" (sample_cluster.cuh, 8 CTAs of 512 threads or 16 of 256 for a DeepSeek-V3
-// row) or "rowwise" (sample.cu, one CTA per row); each falls back to the next where a call's shape
-// does not suit it.
+// from kSplitMinRows rows), "cluster8" (the default below) / "cluster16" (sample_cluster.cuh, 8
+// CTAs of 512 threads or 16 of 256 for a DeepSeek-V3 row) or "rowwise" (sample.cu, one CTA per
+// row); each falls back to the next where a call's shape does not suit it.
 #include <cstdlib>
 #include <cstring>
 

@@ -77,8 +77,8 @@ struct Cfg {  // a row's parameters, as every sampler reads them
   bool greedy, topk_on, topp_on, minp_on, filtered, proc_top, cand, gumbel;
 };
 // A row's parameters as they sit in memory; the chunk kernel copies them into shared memory with the
-// chunk (prefetch), so that no dependent global read lies on an item's path (H200, B = 256 greedy:
-// the chunk kernel 51.3 us with the copy, 53.2-53.5 us reading them at the item's start).
+// chunk (prefetch), so that no dependent global read lies on an item's path (H200, B = 256 greedy,
+// two machines: the chunk kernel 51.3 us with the copy, 53.2-53.5 us reading them at the item's start).
 struct RowArgs {
   int64_t seed, position;
   float temperature, top_p, min_p;

@@ -183,8 +183,8 @@ __device__ __forceinline__ Best gumbel_sweep(const float4* x, int n4, int base, 
 }
 
 // Row r's merge (one CTA per row). Returns false when the row is left to the fallback.
-__device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, const Cfg& c, const RowArgs& a, int64_t r,
-                                          MergeSmem& sh) {
+__device__ __forceinline__ bool merge_row(const SampleParams& p, const Work& w, const Cfg& c, const RowArgs& a,
+                                          int64_t r, MergeSmem& sh) {
   const int S = w.chunks;
   if (threadIdx.x < S) sh.st[threadIdx.x] = w.stats[r * S + threadIdx.x];
   __syncthreads();
@@ -359,10 +359,10 @@ __device__ __forceinline__ void cp_async_small(void* dst, const void* src, int b
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
 }
 
-// Starts the copy of chunk s of row r into buf, and of its
-// row's parameters into args (one commit group); a vocabulary tail that is not a whole float4 is
-// stored directly, padded with -inf.
-__device__ __forceinline__ void prefetch(const SampleParams& p, const Work& w, int r, int s, float* buf, RowArgs* args) {
+// Starts the copy of chunk s of row r into buf, and of the row's parameters into args (one commit
+// group); a vocabulary tail that is not a whole float4 is stored directly, padded with -inf.
+__device__ __forceinline__ void prefetch(const SampleParams& p, const Work& w, int r, int s, float* buf,
+                                         RowArgs* args) {
   const int begin = s * w.chunk;
   const int n = min(w.chunk, static_cast<int>(p.vocab) - begin);
   const float* src = p.logits + r * p.row_stride + begin;
